@@ -1,0 +1,22 @@
+"""aace: Sharpness-Aware Minimization with the Adaptive Adversarial Cross-Entropy loss."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from aace.batchnorm import frozen_batchnorm_stats
+from aace.losses import AACE_MODES, AACELoss, aace_loss
+from aace.sam import PERTURBATIONS, SAM
+
+try:
+    __version__ = version("aace")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AACE_MODES",
+    "AACELoss",
+    "PERTURBATIONS",
+    "SAM",
+    "__version__",
+    "aace_loss",
+    "frozen_batchnorm_stats",
+]

@@ -1,0 +1,346 @@
+"""The SAM optimizer family: SAM, ASAM and SAM with the AACE perturbation.
+
+Sharpness-Aware Minimization (Foret et al., ICLR 2021) takes two gradients per step. The first,
+g, taken at w, defines a perturbation e; the second is taken at w + e and fed to a base
+optimizer, which updates w. The perturbation rules:
+
+    "sam"               e =  rho * T^2 g / (||T g|| + eps),   g = grad of cross-entropy
+    "aace"              e = -rho * T^2 g,                      g = grad of AACE (no normalization,
+                                                               Ratchatorn & Tanaka, ICIP 2024)
+    "aace-normalized"   e = -rho * T^2 g / (||T g|| + eps),   g = grad of AACE
+
+T = diag(|w|) with ``adaptive=True`` (ASAM, Kwon et al., ICML 2021), else the identity. The norm
+is the global L2 norm over every parameter with a gradient. AACE's perturbation descends its
+loss, because AACE is minimized by moving probability away from the true class; that is why its
+sign is the opposite of SAM's.
+
+Which loss produced g is the caller's choice: this optimizer only reads ``.grad``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+__all__ = ["PERTURBATIONS", "SAM"]
+
+PERTURBATIONS = ("sam", "aace", "aace-normalized")
+_NORMALIZED = {"sam": True, "aace": False, "aace-normalized": True}
+_SIGN = {"sam": 1.0, "aace": -1.0, "aace-normalized": -1.0}
+_FOREACH_DEVICES = ("cpu", "cuda", "mps", "xpu")
+
+
+def _check_group_options(rho: Any, perturbation: Any, adaptive: Any, perturbation_eps: Any) -> None:
+    if not isinstance(rho, (int, float)) or not rho >= 0.0 or rho == float("inf"):
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    if perturbation not in PERTURBATIONS:
+        raise ValueError(
+            f"perturbation must be one of {', '.join(PERTURBATIONS)}; got {perturbation!r}"
+        )
+    if not isinstance(adaptive, bool):
+        raise ValueError(f"adaptive must be True or False, got {adaptive!r}")
+    if not isinstance(perturbation_eps, (int, float)) or not perturbation_eps >= 0.0:
+        raise ValueError(f"perturbation_eps must be a number >= 0, got {perturbation_eps!r}")
+
+
+class SAM(Optimizer):
+    """Sharpness-Aware Minimization around any base optimizer.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
+        base_optimizer: the optimizer class (or factory) that makes the update, e.g.
+            ``torch.optim.SGD``. It is built on the same ``param_groups``, so learning-rate
+            schedulers attached to either object act on both.
+        rho: perturbation radius (per-group overridable).
+        perturbation: "sam", "aace" or "aace-normalized" (per-group overridable).
+        adaptive: ASAM's elementwise scaling by |w| (per-group overridable).
+        perturbation_eps: added to the gradient norm of the normalized rules.
+        foreach: ``None`` picks the vectorized ``torch._foreach_*`` path for CPU/CUDA/MPS/XPU
+            tensors; ``True``/``False`` force it on or off.
+        track_stats: after each ``first_step``, keep ``grad_norm``, ``perturbation_norm`` and
+            ``perturbation_cosine`` (cosine between this and the previous perturbation; one more
+            parameter-sized buffer) as 0-dim tensors, for logging without a host sync.
+        **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
+
+    Usage, with the loss of the first pass chosen by the caller::
+
+        loss_fn(model(x), y).backward()       # CE for "sam", AACE for "aace"
+        opt.first_step(zero_grad=True)        # w -> w + e
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)       # w + e -> w, then the base update
+
+    ``state_dict()`` is the base optimizer's (momentum buffers included) with the SAM options in
+    its param groups; ``load_state_dict`` restores it, so a resumed run takes the same steps.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: Callable[..., Optimizer],
+        rho: float = 0.05,
+        perturbation: str = "sam",
+        adaptive: bool = False,
+        perturbation_eps: float = 1e-12,
+        *,
+        foreach: bool | None = None,
+        track_stats: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
+        _check_group_options(rho, perturbation, adaptive, perturbation_eps)
+        if not callable(base_optimizer):
+            raise ValueError(
+                f"base_optimizer must be an optimizer class such as torch.optim.SGD, "
+                f"got {base_optimizer!r}"
+            )
+        if foreach not in (None, True, False):
+            raise ValueError(f"foreach must be None, True or False, got {foreach!r}")
+        defaults = dict(
+            rho=rho, perturbation=perturbation, adaptive=adaptive, perturbation_eps=perturbation_eps
+        )
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            _check_group_options(
+                group["rho"], group["perturbation"], group["adaptive"], group["perturbation_eps"]
+            )
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        clash = set(defaults) & set(self.base_optimizer.defaults)
+        if clash:
+            raise ValueError(
+                f"base_optimizer {type(self.base_optimizer).__name__} has its own "
+                f"hyperparameter(s) {sorted(clash)}, which SAM's param groups also use; "
+                "choose another base optimizer"
+            )
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.foreach = foreach
+        self.track_stats = track_stats
+        self.grad_norm: torch.Tensor | None = None
+        self.perturbation_norm: torch.Tensor | None = None
+        self.perturbation_cosine: torch.Tensor | None = None
+        self._previous_norm: torch.Tensor | None = None
+
+    # -- the two steps -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move every parameter with a gradient from w to w + e, saving w exactly.
+
+        With ``zero_grad=True`` the gradients are consumed (scaled in place into e, then set to
+        None), which saves a parameter-sized temporary; otherwise ``.grad`` is left untouched.
+        """
+        buckets = self._buckets()
+        if not buckets:
+            return
+        if any(self.state[p].get("perturbed", False) for b in buckets for p in b["params"]):
+            raise RuntimeError("first_step() called twice without second_step() in between")
+        rules = {group["perturbation"] for group in self.param_groups}
+        needs_norm = self.track_stats or any(_NORMALIZED[r] for r in rules)
+
+        # 1. e starts as (a copy of) g, multiplied by |w| once for ASAM: e = T g.
+        for bucket in buckets:
+            grads = bucket["grads"]
+            bucket["e"] = grads if zero_grad else [g.clone() for g in grads]
+            if bucket["adaptive"]:
+                bucket["scale_w"] = self._abs(bucket["params"], bucket["foreach"])
+                self._mul_(bucket["e"], bucket["scale_w"], bucket["foreach"])
+
+        # 2. The global norm ||T g|| (one device tensor, no host sync).
+        grad_norm = self._global_norm([b["e"] for b in buckets], buckets) if needs_norm else None
+
+        # 3. e = sign * rho * T (T g) [/ (||T g|| + eps)], save w, w += e.
+        for bucket in buckets:
+            e, params, fe = bucket["e"], bucket["params"], bucket["foreach"]
+            if bucket["adaptive"]:
+                self._mul_(e, bucket.pop("scale_w"), fe)
+            scale: float | torch.Tensor = _SIGN[bucket["perturbation"]] * bucket["rho"]
+            if _NORMALIZED[bucket["perturbation"]]:
+                scale = scale / (grad_norm.to(params[0].device) + bucket["eps"])
+            self._mul_(e, scale, fe)
+            saved = [self._saved(p) for p in params]
+            if fe:
+                torch._foreach_copy_(saved, params)
+                torch._foreach_add_(params, e)
+            else:
+                for w, s, d in zip(params, saved, e):
+                    s.copy_(w)
+                    w.add_(d)
+
+        if self.track_stats:
+            self._record_stats(buckets, grad_norm)
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w bit-for-bit, then step the base optimizer with the gradient at w + e."""
+        for bucket in self._buckets(require_grad=False):
+            params = bucket["params"]
+            saved = [self.state[p]["saved_w"] for p in params]
+            if bucket["foreach"]:
+                torch._foreach_copy_(params, saved)
+            else:
+                for w, s in zip(params, saved):
+                    w.copy_(s)
+            for p in params:
+                self.state[p]["perturbed"] = False
+        self.base_optimizer.step()
+        # LR schedulers watch for a call of ``step``; a first/second_step loop counts as one.
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One SAM step. ``.grad`` must already hold the first-pass gradient; ``closure`` must
+        zero nothing, recompute the update loss at the perturbed weights, call ``backward()``
+        and return the loss, which ``step`` returns."""
+        if closure is None:
+            raise ValueError(
+                "SAM.step needs a closure that runs the second forward-backward pass and "
+                "returns its loss, e.g. opt.step(lambda: loss_fn(model(x), y).backward() or ...);"
+                " or call first_step() and second_step() yourself"
+            )
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            loss = closure()
+        self.second_step()
+        return loss
+
+    def reset_stats(self) -> None:
+        """Forget the previous perturbation, so the next ``perturbation_cosine`` is undefined
+        (NaN). Call at an epoch boundary to make per-epoch statistics independent of the last."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].pop("previous_e", None)
+        self.perturbation_cosine = None
+        self._previous_norm = None
+
+    # -- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state (momentum buffers, ...) and the shared param groups."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        # The base optimizer rebuilt its group dicts; share them again.
+        self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def __repr__(self) -> str:
+        return f"SAM({self.base_optimizer!r})"
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _buckets(self, require_grad: bool = True) -> list[dict[str, Any]]:
+        """Parameters split by group and by (device, dtype), so each foreach call is uniform."""
+        buckets = []
+        for group in self.param_groups:
+            by_key: dict[tuple[torch.device, torch.dtype], dict[str, list]] = defaultdict(
+                lambda: {"params": [], "grads": []}
+            )
+            for p in group["params"]:
+                if require_grad and p.grad is None:
+                    continue
+                if not require_grad and not self.state[p].get("perturbed", False):
+                    continue
+                if require_grad and p.grad.is_sparse:
+                    raise RuntimeError("SAM does not support sparse gradients")
+                entry = by_key[(p.device, p.dtype)]
+                entry["params"].append(p)
+                entry["grads"].append(p.grad)
+            for (device, _), entry in by_key.items():
+                foreach = self.foreach
+                if foreach is None:
+                    foreach = device.type in _FOREACH_DEVICES
+                buckets.append(
+                    dict(
+                        entry,
+                        foreach=foreach,
+                        rho=group["rho"],
+                        perturbation=group["perturbation"],
+                        adaptive=group["adaptive"],
+                        eps=group["perturbation_eps"],
+                    )
+                )
+        return buckets
+
+    def _saved(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "saved_w" not in state:
+            state["saved_w"] = torch.empty_like(p, memory_format=torch.preserve_format)
+        state["perturbed"] = True
+        return state["saved_w"]
+
+    @staticmethod
+    def _abs(tensors: list[torch.Tensor], foreach: bool) -> list[torch.Tensor]:
+        return torch._foreach_abs(tensors) if foreach else [t.abs() for t in tensors]
+
+    @staticmethod
+    def _mul_(
+        tensors: list[torch.Tensor], other: float | torch.Tensor | list[torch.Tensor], foreach: bool
+    ) -> None:
+        if foreach:
+            torch._foreach_mul_(tensors, other)
+        elif isinstance(other, list):
+            for t, o in zip(tensors, other):
+                t.mul_(o)
+        else:
+            for t in tensors:
+                t.mul_(other)
+
+    @staticmethod
+    def _norms(tensors: list[torch.Tensor], foreach: bool) -> list[torch.Tensor]:
+        if foreach:
+            return list(torch._foreach_norm(tensors))
+        return [torch.linalg.vector_norm(t) for t in tensors]
+
+    def _global_norm(
+        self, tensor_lists: list[list[torch.Tensor]], buckets: list[dict[str, Any]]
+    ) -> torch.Tensor:
+        """L2 norm over all tensors of all buckets, accumulated in float32 (or float64) on the
+        first bucket's device."""
+        device = buckets[0]["params"][0].device
+        norms = []
+        for tensors, bucket in zip(tensor_lists, buckets):
+            for n in self._norms(tensors, bucket["foreach"]):
+                norms.append(n.to(device=device, dtype=torch.promote_types(n.dtype, torch.float32)))
+        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+        return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+
+    def _record_stats(self, buckets: list[dict[str, Any]], grad_norm: torch.Tensor) -> None:
+        """grad_norm = ||T g||, perturbation_norm = ||e||, cosine(e, previous e)."""
+        perturbation_norm = self._global_norm([b["e"] for b in buckets], buckets)
+        device = perturbation_norm.device
+        dots, have_previous = [], True
+        for bucket in buckets:
+            previous = []
+            for p in bucket["params"]:
+                state = self.state[p]
+                if "previous_e" not in state:
+                    have_previous = False
+                    state["previous_e"] = torch.empty_like(p)
+                previous.append(state["previous_e"])
+            if have_previous:
+                for e, prev in zip(bucket["e"], previous):
+                    dots.append(torch.dot(e.flatten(), prev.flatten()).to(device, torch.float64))
+            if bucket["foreach"]:
+                torch._foreach_copy_(previous, bucket["e"])
+            else:
+                for prev, e in zip(previous, bucket["e"]):
+                    prev.copy_(e)
+        if have_previous and self._previous_norm is not None:
+            cosine = torch.stack(dots).sum() / (
+                perturbation_norm.double() * self._previous_norm.double()
+            )
+        else:
+            cosine = torch.tensor(float("nan"), device=device, dtype=torch.float64)
+        self.grad_norm = grad_norm
+        self.perturbation_norm = perturbation_norm
+        self.perturbation_cosine = cosine.to(perturbation_norm.dtype)
+        self._previous_norm = perturbation_norm
