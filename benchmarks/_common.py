@@ -1,0 +1,259 @@
+"""Shared helpers of the benchmark scripts: arguments, interleaved timing, summaries, results.
+
+Not a benchmark itself. Every script writes ``<out-dir>/<name>.json`` (machine, command line,
+configuration, raw samples and summaries) and ``<out-dir>/<name>.md`` (the same as tables), so
+reported numbers are always made from files, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import aace
+
+DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+
+
+# -- arguments ------------------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, repeats: int | None = 20, warmup: int | None = 3
+) -> None:
+    """--device, --threads, --out-dir, and (unless None) --repeats/--warmup with these defaults."""
+    if repeats is not None:
+        parser.add_argument(
+            "--repeats",
+            type=positive_int,
+            default=repeats,
+            help="timed repetitions per variant (default: %(default)s)",
+        )
+    if warmup is not None:
+        parser.add_argument(
+            "--warmup",
+            type=non_negative_int,
+            default=warmup,
+            help="untimed repetitions per variant before timing (default: %(default)s)",
+        )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="torch.set_num_threads(N); default: leave PyTorch's own choice",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT_DIR,
+        help="directory for <name>.json and <name>.md (default: benchmarks/results)",
+    )
+
+
+def setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """Apply --threads, seed, and check the device; returns it."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device!r}: {error}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device!r}: CUDA is not available on this machine")
+    torch.manual_seed(0)
+    return device
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for all queued work of ``device`` (a no-op on the CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+def time_interleaved(
+    variants: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    synchronize: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant, measured round-robin.
+
+    Each repetition calls every variant once, so a change of machine load during the run hits
+    all variants alike; the starting variant rotates from one repetition to the next, so no
+    variant always runs right after the same other one. ``warmup`` untimed rounds come first.
+    The clock is read after ``synchronize()``, so queued device work is counted. As in
+    ``timeit``, Python's garbage collector is off while a call is timed.
+    """
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(warmup + repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize()
+            gc_was_enabled = gc.isenabled()
+            gc.disable()
+            try:
+                start = time.perf_counter()
+                variants[name]()
+                synchronize()
+                elapsed = time.perf_counter() - start
+            finally:
+                if gc_was_enabled:
+                    gc.enable()
+            if round_index >= warmup:
+                samples[name].append(elapsed)
+    return samples
+
+
+def summarize(samples: Sequence[float]) -> dict[str, float | int]:
+    """Median, quartiles (inclusive method), min, max, mean and n of ``samples``."""
+    values = sorted(samples)
+    if len(values) >= 2:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    else:
+        q1 = q3 = values[0]
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "q1": q1,
+        "q3": q3,
+        "min": values[0],
+        "max": values[-1],
+        "mean": statistics.fmean(values),
+    }
+
+
+def paired_ratio(
+    numerator: Sequence[float], denominator: Sequence[float], scale: float = 1.0
+) -> float:
+    """Median over repetitions of numerator[i] / (scale * denominator[i]).
+
+    With interleaved runs sample i of both variants was taken at nearly the same time, so this
+    ratio is less affected by slow drifts of machine load than the ratio of the two medians.
+    """
+    return statistics.median(n / (scale * d) for n, d in zip(numerator, denominator))
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured Markdown table; the first column left-aligned, the others right."""
+    align = [":---"] + ["---:"] * (len(headers) - 1)
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The command that ran this script, runnable from the repository root."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "argv": list(sys.argv),
+        "command": command_line(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "aace": aace.__version__,
+        "device": str(device),
+    }
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_available"] = len(os.sched_getaffinity(0))
+    if hasattr(os, "getloadavg"):
+        # Recorded because timings on a shared machine are only as good as its idleness.
+        info["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def write_results(
+    name: str,
+    rows: list[dict[str, Any]],
+    markdown_table: str,
+    out_dir: Path | str = DEFAULT_OUT_DIR,
+    *,
+    device: torch.device,
+    config: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+    notes: str = "",
+) -> str:
+    """Write ``<out_dir>/<name>.json`` and ``<out_dir>/<name>.md``; return the Markdown text.
+
+    The JSON holds the machine description (with the exact command line), the configuration,
+    ``rows`` and ``extra``; the Markdown holds the command, a one-line machine summary,
+    ``markdown_table`` (which may be several tables) and ``notes``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(device)
+    payload = {"benchmark": name, "machine": machine, "config": dict(config), "rows": rows}
+    if extra:
+        payload.update(extra)
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+    where = machine.get("device_name", machine["processor"])
+    summary = (
+        f"{machine['date']}; {machine['platform']}; {where}; device {machine['device']}; "
+        f"{machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads; "
+        f"torch {machine['torch']}; aace {machine['aace']}"
+    )
+    if "load_average_1_5_15min" in machine:
+        summary += f"; load average at the end {machine['load_average_1_5_15min']}"
+    parts = [
+        f"# {name}",
+        f"Command: `{machine['command']}`",
+        f"Machine: {summary}",
+        markdown_table,
+    ]
+    if notes:
+        parts.append(notes)
+    text = "\n\n".join(parts) + "\n"
+    (out_dir / f"{name}.md").write_text(text)
+    return text
+
+
+def milliseconds(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"

@@ -1,0 +1,209 @@
+"""The ``aace`` command line: train, eval, compare, plot, presets.
+
+Every user error becomes one line on stderr and exit status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aace.training.config import (
+    AMP_MODES,
+    DEVICES,
+    OPTIMIZERS,
+    PRESETS,
+    SCHEDULES,
+    ConfigError,
+    RunConfig,
+    preset,
+)
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its usage errors are one line like every other error of the CLI."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"hint: {self.prog} --help lists the options", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    # Every default is None, so that a preset fills what the command line leaves out.
+    add = parser.add_argument
+    add("--preset", help=f"one of the paper's runs: {', '.join(PRESETS)} (see 'aace presets')")
+    add("--dataset", help="cifar10, cifar100, fashion-mnist, food101, digits or npz:PATH")
+    add("--data-dir", help="where datasets are read from / downloaded to (default: data)")
+    add("--download", action=argparse.BooleanOptionalAction, help="download missing datasets")
+    add("--image-size", type=int, help="Food101 resize target in pixels (default 32)")
+    add("--model", help="wrn{depth}_{width} or pyramidnet{depth}_{alpha}[_basic] (default wrn16_1)")
+    add("--dropout", type=float, help="WideResNet dropout probability")
+    add("--shakedrop", type=float, help="PyramidNet ShakeDrop probability of the last block")
+    add("--optimizer", choices=OPTIMIZERS, help="default sam-aace")
+    add("--rho", type=float, help="perturbation radius (default: 0.05 sam, 0.2 sam-aace, 0.5 asam)")
+    add("--label-smoothing", type=float, help="label smoothing of the update loss only")
+    add("--aace-threshold", type=float, help="AACE threshold in [0, 1] (default 0)")
+    add("--aace-mode", choices=("ada", "rand", "const"), help="AACE mode (default ada)")
+    add("--lr", type=float, help="base learning rate (default 0.1)")
+    add("--momentum", type=float, help="SGD momentum (default 0.9)")
+    add("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
+    add("--weight-decay", type=float, help="default 5e-4")
+    add("--batch-size", type=int, help="default 128")
+    add("--epochs", type=int, help="default 200")
+    add("--schedule", choices=SCHEDULES, help="step: x0.2 at 30/60/80%% of training; or cosine")
+    add("--cutout", type=int, help="Cutout square side in pixels (0 = off; default per dataset)")
+    add("--seed", type=int, help="default 0")
+    add("--device", choices=DEVICES, help="default auto")
+    add("--amp", choices=AMP_MODES, help="bf16 autocast, or off (default)")
+    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    add("--out", help="run directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)")
+    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="aace", description="Sharpness-aware training with SAM and AACE.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model; writes a run directory")
+    _train_arguments(train)
+
+    evaluate = commands.add_parser("eval", help="test accuracy and loss of a checkpoint")
+    evaluate.add_argument("checkpoint", help="a checkpoint.pt from a run directory")
+    evaluate.add_argument("--data-dir", help="override the dataset directory of the run")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto")
+
+    compare = commands.add_parser("compare", help="table of test accuracy over run directories")
+    compare.add_argument("runs", nargs="+", help="run directories")
+
+    plot = commands.add_parser("plot", help="the paper's figures from run directories")
+    plot.add_argument("runs", nargs="+", help="run directories")
+    plot.add_argument("--out", required=True, help="output image, e.g. curves.png")
+
+    commands.add_parser("presets", help="list the presets")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """RunConfig defaults, then the preset, then the flags given on the command line."""
+    values: dict[str, Any] = preset(args.preset) if args.preset else {}
+    for field in dataclasses.fields(RunConfig):
+        given = getattr(args, field.name, None)
+        if given is not None and field.name != "preset":
+            values[field.name] = given
+    config = RunConfig(**values)
+    if args.out is None:
+        config.out = str(
+            Path("runs") / f"{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
+        )
+    return config.validate()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from aace.training.trainer import Trainer
+
+    config = config_from_args(args)
+    summary = Trainer(config, log=lambda line: print(line, flush=True)).fit(resume=args.resume)
+    print(
+        f"final test accuracy {summary['final_test_acc']:.4f}, best {summary['best_test_acc']:.4f} "
+        f"(epoch {summary['best_epoch']}); run directory {config.out}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from aace.data import BatchLoader, load_dataset
+    from aace.training.checkpoint import CheckpointError, load_checkpoint
+    from aace.training.trainer import EVAL_BATCH_SIZE, build_model, evaluate, resolve_device
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    try:
+        config = RunConfig.from_dict(checkpoint["config"])
+    except (ConfigError, TypeError) as error:
+        raise CheckpointError(f"checkpoint '{args.checkpoint}' has an invalid config") from error
+    if args.data_dir:
+        config.data_dir = args.data_dir
+    device = resolve_device(args.device)
+    dataset = load_dataset(config.dataset, config.data_dir, False, config.image_size)
+    if checkpoint.get("num_classes") not in (None, dataset.num_classes):
+        raise CheckpointError(
+            f"checkpoint '{args.checkpoint}' has {checkpoint['num_classes']} classes but "
+            f"{dataset.name} has {dataset.num_classes}"
+        )
+    model = build_model(config, dataset)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint '{args.checkpoint}' does not match model {config.model} "
+            f"({str(error).splitlines()[0]})"
+        ) from error
+    model.to(device)
+    loader = BatchLoader(
+        dataset.x_test,
+        dataset.y_test,
+        batch_size=EVAL_BATCH_SIZE,
+        mean=dataset.mean,
+        std=dataset.std,
+        train=False,
+        device=device,
+    )
+    loss_sum, correct, count = evaluate(model, loader, config.amp)
+    n = int(count)
+    print(
+        f"{config.dataset} test set, {n} images, epoch {checkpoint['epoch']}: "
+        f"accuracy {int(correct) / n:.4f}, loss {float(loss_sum) / n:.4f}"
+    )
+    return 0
+
+
+def _presets() -> int:
+    for name, values in PRESETS.items():
+        settings = ", ".join(f"{k}={v}" for k, v in values.items())
+        print(f"{name:28s} {settings}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "compare":
+            from aace.report import compare_table
+
+            print(compare_table(args.runs))
+            return 0
+        if args.command == "plot":
+            from aace.report import plot_runs
+
+            print(f"wrote {plot_runs(args.runs, args.out)}")
+            return 0
+        return _presets()
+    except KeyboardInterrupt:
+        print("aace: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as error:
+        # ConfigError, DatasetError, CheckpointError, ReportError are ValueErrors.
+        if args.debug:
+            traceback.print_exc()
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        if isinstance(error, OSError) and not isinstance(error, ValueError):
+            message = f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
+        print(f"aace: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

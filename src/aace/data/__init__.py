@@ -1,0 +1,12 @@
+"""Datasets held in memory and on-device batch loading with vectorised augmentation.
+
+* :func:`load_dataset` reads a dataset (``cifar10``, ``cifar100``, ``fashion-mnist``,
+  ``food101``, ``digits`` or ``npz:PATH``) into an :class:`InMemoryDataset` of uint8 tensors.
+* :class:`BatchLoader` serves shuffled, augmented, per-rank-sharded mini-batches from a copy of
+  the data kept on the training device.
+"""
+
+from aace.data.loader import BatchLoader
+from aace.data.sources import DATASET_NAMES, DatasetError, InMemoryDataset, load_dataset
+
+__all__ = ["DATASET_NAMES", "BatchLoader", "DatasetError", "InMemoryDataset", "load_dataset"]

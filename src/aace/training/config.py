@@ -1,0 +1,146 @@
+"""One dataclass for a training run, and the presets of the paper's experiments."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from aace.losses import AACE_MODES
+
+OPTIMIZERS = ("sgd", "sam", "sam-aace", "sam-aace-normalized", "asam")
+SCHEDULES = ("step", "cosine")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_MODES = ("off", "bf16")
+
+# rho when --rho is not given: SAM's 0.05 (Foret et al.), AACE's 0.2 (Ratchatorn & Tanaka),
+# ASAM's 0.5 for CIFAR-10 (Kwon et al.).
+DEFAULT_RHO = {"sgd": 0.0, "sam": 0.05, "sam-aace": 0.2, "sam-aace-normalized": 0.05, "asam": 0.5}
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be trained; the message names the field and value."""
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run. Saved as ``config.json`` and in every checkpoint."""
+
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    image_size: int = 32
+    model: str = "wrn16_1"
+    dropout: float = 0.0
+    shakedrop: float = 0.0
+    optimizer: str = "sam-aace"
+    rho: float | None = None  # None: DEFAULT_RHO[optimizer]
+    label_smoothing: float = 0.0
+    aace_threshold: float = 0.0
+    aace_mode: str = "ada"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    epochs: int = 200
+    schedule: str = "step"
+    cutout: int | None = None  # None: the dataset's default
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "off"
+    compile: bool = False
+    out: str = "runs/run"
+    preset: str | None = None
+
+    @property
+    def resolved_rho(self) -> float:
+        return DEFAULT_RHO[self.optimizer] if self.rho is None else self.rho
+
+    def validate(self) -> RunConfig:
+        def fail(name: str, value: Any, allowed: str) -> None:
+            raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {allowed}")
+
+        def finite(x: Any) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if self.optimizer not in OPTIMIZERS:
+            fail("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
+        if self.device not in DEVICES:
+            fail("device", self.device, f"one of {', '.join(DEVICES)}")
+        if self.amp not in AMP_MODES:
+            fail("amp", self.amp, f"one of {', '.join(AMP_MODES)}")
+        if self.aace_mode not in AACE_MODES:
+            fail("aace_mode", self.aace_mode, f"one of {', '.join(AACE_MODES)}")
+        for name in ("lr", "weight_decay", "momentum"):
+            value = getattr(self, name)
+            if not finite(value) or value < 0:
+                fail(name, value, "a finite number >= 0")
+        if self.lr == 0:
+            fail("lr", self.lr, "a finite number > 0")
+        if self.rho is not None and (not finite(self.rho) or self.rho < 0):
+            fail("rho", self.rho, "a finite number >= 0")
+        for name in ("aace_threshold", "label_smoothing", "dropout", "shakedrop"):
+            value = getattr(self, name)
+            if not finite(value) or not 0 <= value <= 1:
+                fail(name, value, "a number in [0, 1]")
+        for name in ("batch_size", "epochs", "image_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, value, "an integer >= 1")
+        if self.cutout is not None and (not isinstance(self.cutout, int) or self.cutout < 0):
+            fail("cutout", self.cutout, "an integer >= 0")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            fail("seed", self.seed, "an integer >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown configuration field(s) {unknown}")
+        return cls(**values)
+
+    def differences(self, other: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
+        """Names of the fields whose values differ, for refusing to mix two runs."""
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if k not in ignore and a[k] != b[k]]
+
+
+def _paper(model: str, dataset: str, **overrides: Any) -> dict[str, Any]:
+    # The AACE paper's recipe (its code builds on the SAM example code of davda54/sam):
+    # SGD, momentum 0.9, weight decay 5e-4, lr 0.1, 200 epochs, step schedule,
+    # label smoothing 0.1 in the update loss, SAM+AACE with rho 0.2.
+    values = dict(
+        model=model, dataset=dataset, optimizer="sam-aace", rho=0.2, lr=0.1, momentum=0.9,
+        weight_decay=5e-4, epochs=200, schedule="step", label_smoothing=0.1, batch_size=256,
+    )  # fmt: skip
+    values.update(overrides)
+    return values
+
+
+_DATASETS = ("cifar10", "cifar100", "fashion-mnist", "food101")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    **{f"wrn28-10-{d}": _paper("wrn28_10", d) for d in _DATASETS},
+    **{f"pyramidnet272-{d}": _paper("pyramidnet272_200", d, batch_size=64) for d in _DATASETS},
+    # What fits a laptop CPU: the package's own demo.
+    "digits-demo": dict(
+        dataset="digits", model="wrn10_2", epochs=8, batch_size=64, lr=0.05, schedule="cosine"
+    ),
+}
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(
+            f"--preset: unknown preset {name!r}; expected one of {', '.join(PRESETS)}"
+        )
+    return dict(PRESETS[name], preset=name)
