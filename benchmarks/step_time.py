@@ -129,7 +129,7 @@ def _sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Auto
 
 def _sam_step(
     model: nn.Module,
-    opt: SAM | LoopSAM,
+    opt: SAM | LoopSAM | _Labelled,
     first_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
@@ -178,6 +178,21 @@ def build_variants(
     return steps, models
 
 
+class _Labelled:
+    """The two SAM calls of an optimizer, each inside a ``record_function`` of its name."""
+
+    def __init__(self, opt: SAM) -> None:
+        self.opt = opt
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        with torch.profiler.record_function("SAM.first_step"):
+            self.opt.first_step(zero_grad=zero_grad)
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        with torch.profiler.record_function("SAM.second_step"):
+            self.opt.second_step(zero_grad=zero_grad)
+
+
 class _PhaseClock:
     """Seconds between consecutive ``phase_done`` calls, per phase (device synchronized)."""
 
@@ -207,7 +222,9 @@ def _ops_inside(events: Any, label: str, steps: int) -> list[dict[str, Any]]:
             parent = parent.cpu_parent
         if parent is None:
             continue
-        total = totals.setdefault(event.name, {"calls": 0, "self_cpu_us": 0.0, "self_device_us": 0.0})
+        total = totals.setdefault(
+            event.name, {"calls": 0, "self_cpu_us": 0.0, "self_device_us": 0.0}
+        )
         total["calls"] += 1
         total["self_cpu_us"] += event.self_cpu_time_total
         total["self_device_us"] += getattr(event, "self_device_time_total", 0.0)
@@ -246,25 +263,15 @@ def profile_sam_aace(
         step()
     phase_median_s = {phase: statistics.median(s) for phase, s in clock.seconds.items()}
 
-    def label(phase: str) -> None:
-        # Close the range of the phase that just ended and open the next SAM call's range.
-        if phase in ranges:
-            ranges.pop(phase).__exit__(None, None, None)
-        following = {"first pass (forward + backward)": "SAM.first_step",
-                     "second pass (forward + backward)": "SAM.second_step"}.get(phase)
-        if following is not None:
-            ranges[following] = torch.profiler.record_function(following)
-            ranges[following].__enter__()
-
-    ranges: dict[str, Any] = {}
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     profiled_steps = min(repeats, 5)
-    profiled = _sam_step(model, opt, aace_loss, x, y, autocast, label)
+    profiled = _sam_step(model, _Labelled(opt), aace_loss, x, y, autocast)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(profiled_steps):
             profiled()
+        _common.synchronizer(device)()
     events = prof.events()
     top_ops = {
         call: _ops_inside(events, call, profiled_steps)[:10]
@@ -313,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
-    step_rows, ratio_rows, phase_rows = [], [], []
+    step_rows, ratio_rows, phase_rows, op_rows = [], [], [], []
     for model_name in models:
         torch.manual_seed(0)
         base = create_model(model_name, num_classes=NUM_CLASSES, in_channels=3).to(device).train()
@@ -375,8 +382,18 @@ def main(argv: list[str] | None = None) -> None:
                 phase_rows.append(
                     [model_name, phase, _common.milliseconds(seconds), f"{seconds / total:.1%}"]
                 )
-            for call, table in profile["profiler_tables"].items():
-                print(f"\n{model_name}: torch.profiler, SAM+AACE steps ({call})\n{table}")
+            for call, ops in profile["top_operators"].items():
+                for op in ops[:6]:
+                    op_rows.append(
+                        [
+                            model_name,
+                            call,
+                            op["operator"],
+                            f"{op['calls_per_step']:g}",
+                            f"{op['self_cpu_ms_per_step']:.3f}",
+                            f"{op['self_device_ms_per_step']:.3f}",
+                        ]
+                    )
 
     tables = [
         f"Batch {args.batch_size}, {args.repeats} timed repetitions after {args.warmup} warm-up "
@@ -391,6 +408,11 @@ def main(argv: list[str] | None = None) -> None:
         tables += [
             "SAM+AACE step by phase (medians of separately timed phases):",
             _common.markdown_table(["model", "phase", "median ms", "share"], phase_rows),
+            "Top operators inside the SAM calls of the SAM+AACE step (torch.profiler, self time "
+            "per step):",
+            _common.markdown_table(
+                ["model", "call", "operator", "calls", "self CPU ms", "self device ms"], op_rows
+            ),
         ]
     notes = (
         "SGD: one forward-backward + `opt.step()`. SAM: rho 0.05, CE perturbation. SAM+AACE: "

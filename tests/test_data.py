@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
-import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -14,138 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets import CIFAR10
 
 from aace.data import DATASET_NAMES, BatchLoader, DatasetError, InMemoryDataset, load_dataset
 from aace.data.loader import _cutout, _random_crop, _random_hflip
-
-# --------------------------------------------------------------------------------------------
-# fake dataset writers
-# --------------------------------------------------------------------------------------------
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _dump(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def _write_cifar10(root: Path, monkeypatch: pytest.MonkeyPatch, n_train=20, n_test=10, seed=0):
-    """CIFAR-10 python pickles; patches torchvision's expected MD5s to those of the fake files."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    x_train = rng.integers(0, 256, (n_train, 3, 32, 32), dtype=np.uint8)
-    y_train = rng.integers(0, 10, n_train)
-    x_test = rng.integers(0, 256, (n_test, 3, 32, 32), dtype=np.uint8)
-    y_test = rng.integers(0, 10, n_test)
-    train_list = []
-    for i, (xs, ys) in enumerate(
-        zip(np.array_split(x_train, 5), np.array_split(y_train, 5), strict=True), start=1
-    ):
-        name = f"data_batch_{i}"
-        _dump(folder / name, {"data": xs.reshape(len(xs), -1), "labels": ys.tolist()})
-        train_list.append([name, _md5(folder / name)])
-    _dump(folder / "test_batch", {"data": x_test.reshape(n_test, -1), "labels": y_test.tolist()})
-    names = [f"class{i}" for i in range(10)]
-    _dump(folder / "batches.meta", {"label_names": names})
-    monkeypatch.setattr(CIFAR10, "train_list", train_list)
-    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", _md5(folder / "test_batch")]])
-    monkeypatch.setattr(
-        CIFAR10,
-        "meta",
-        {
-            "filename": "batches.meta",
-            "key": "label_names",
-            "md5": _md5(folder / "batches.meta"),
-        },
-    )
-    return x_train, y_train, x_test, y_test, names
-
-
-def _write_cifar100(root: Path, monkeypatch: pytest.MonkeyPatch, n_train=20, n_test=10):
-    rng = np.random.default_rng(1)
-    folder = root / "cifar-100-python"
-    x_train = rng.integers(0, 256, (n_train, 3, 32, 32), dtype=np.uint8)
-    y_train = rng.integers(0, 100, n_train)
-    x_test = rng.integers(0, 256, (n_test, 3, 32, 32), dtype=np.uint8)
-    y_test = rng.integers(0, 100, n_test)
-    for name, xs, ys in (("train", x_train, y_train), ("test", x_test, y_test)):
-        _dump(
-            folder / name,
-            {
-                "data": xs.reshape(len(xs), -1),
-                "fine_labels": ys.tolist(),
-                "coarse_labels": (ys // 5).tolist(),
-            },
-        )
-    names = [f"fine{i}" for i in range(100)]
-    _dump(folder / "meta", {"fine_label_names": names, "coarse_label_names": list("abcdefghij")})
-    monkeypatch.setattr(CIFAR100, "train_list", [["train", _md5(folder / "train")]])
-    monkeypatch.setattr(CIFAR100, "test_list", [["test", _md5(folder / "test")]])
-    monkeypatch.setattr(
-        CIFAR100,
-        "meta",
-        {"filename": "meta", "key": "fine_label_names", "md5": _md5(folder / "meta")},
-    )
-    return x_train, y_train, x_test, y_test, names
-
-
-def _idx_bytes(arr: np.ndarray) -> bytes:
-    """IDX (LeCun) format, uint8 payload: magic 0x0000 08 <ndim>, big-endian int32 dims."""
-    header = bytes([0, 0, 8, arr.ndim]) + b"".join(struct.pack(">i", d) for d in arr.shape)
-    return header + arr.astype(np.uint8).tobytes()
-
-
-def _write_fashion_mnist(root: Path, n_train=20, n_test=10, compress=False):
-    rng = np.random.default_rng(2)
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        for kind, arr in (("images-idx3", x), ("labels-idx1", y)):
-            path = raw / f"{split}-{kind}-ubyte"
-            if compress:
-                with gzip.open(str(path) + ".gz", "wb") as f:
-                    f.write(_idx_bytes(arr))
-            else:
-                path.write_bytes(_idx_bytes(arr))
-        out[split] = (x, y)
-    return out
-
-
-_FOOD_CLASSES = ["apple_pie", "baby_back_ribs", "caesar_salad"]
-_FOOD_COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
-
-
-def _write_food101(root: Path):
-    """food-101/images/<class>/<id>.jpg (solid colours, non-square) + meta/{train,test}.json."""
-    base = root / "food-101"
-    meta = {"train": {}, "test": {}}
-    sizes = [(40, 20), (18, 30), (25, 25), (31, 12)]  # (width, height)
-    k = 0
-    for cls, color in zip(_FOOD_CLASSES, _FOOD_COLORS, strict=True):
-        (base / "images" / cls).mkdir(parents=True, exist_ok=True)
-        for split, count in (("train", 3), ("test", 2)):
-            ids = []
-            for _ in range(count):
-                img_id = str(1000 + k)
-                Image.new("RGB", sizes[k % len(sizes)], color).save(
-                    base / "images" / cls / f"{img_id}.jpg", quality=95
-                )
-                ids.append(f"{cls}/{img_id}")
-                k += 1
-            meta[split][cls] = ids
-    (base / "meta").mkdir(parents=True, exist_ok=True)
-    for split in ("train", "test"):
-        (base / "meta" / f"{split}.json").write_text(json.dumps(meta[split]))
-    (base / "meta" / "classes.txt").write_text("\n".join(_FOOD_CLASSES) + "\n")
-    return base, meta
+from fakedata import (  # noqa: E402
+    FOOD_CLASSES,
+    md5,
+    write_cifar10,
+    write_cifar100,
+    write_fashion_mnist,
+    write_food101,
+)
 
 
 def _reference_food_image(path: Path, size: int) -> np.ndarray:
@@ -180,7 +55,7 @@ def _check_common(ds: InMemoryDataset) -> None:
 
 
 def test_cifar10_roundtrip(tmp_path, monkeypatch):
-    x_train, y_train, x_test, y_test, names = _write_cifar10(tmp_path, monkeypatch)
+    x_train, y_train, x_test, y_test, names = write_cifar10(tmp_path, monkeypatch)
     ds = load_dataset("cifar10", root=tmp_path)
     _check_common(ds)
     assert ds.name == "cifar10"
@@ -195,7 +70,7 @@ def test_cifar10_roundtrip(tmp_path, monkeypatch):
 
 
 def test_cifar100_roundtrip(tmp_path, monkeypatch):
-    x_train, y_train, x_test, y_test, names = _write_cifar100(tmp_path, monkeypatch)
+    x_train, y_train, x_test, y_test, names = write_cifar100(tmp_path, monkeypatch)
     ds = load_dataset("CIFAR100", root=str(tmp_path))
     _check_common(ds)
     assert ds.name == "cifar100"
@@ -208,7 +83,7 @@ def test_cifar100_roundtrip(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_fashion_mnist_roundtrip(tmp_path, compress):
-    arrays = _write_fashion_mnist(tmp_path, compress=compress)
+    arrays = write_fashion_mnist(tmp_path, compress=compress)
     ds = load_dataset("fashion-mnist", root=tmp_path)
     _check_common(ds)
     assert ds.x_train.shape == (20, 1, 28, 28) and ds.x_test.shape == (10, 1, 28, 28)
@@ -221,10 +96,10 @@ def test_fashion_mnist_roundtrip(tmp_path, compress):
 
 
 def test_food101_pad_and_resize(tmp_path):
-    base, meta = _write_food101(tmp_path)
+    base, meta = write_food101(tmp_path)
     ds = load_dataset("food101", root=tmp_path, image_size=16)
     _check_common(ds)
-    assert ds.classes == sorted(_FOOD_CLASSES)
+    assert ds.classes == sorted(FOOD_CLASSES)
     assert ds.x_train.shape == (9, 3, 16, 16) and ds.x_test.shape == (6, 3, 16, 16)
     assert (ds.hflip, ds.cutout) == (True, 8)
     # order and labels follow torchvision's Food101 (json order, class index = sorted position)
@@ -244,7 +119,7 @@ def test_food101_pad_and_resize(tmp_path):
 
 
 def test_food101_default_size(tmp_path):
-    _write_food101(tmp_path)
+    write_food101(tmp_path)
     ds = load_dataset("food101", root=tmp_path)
     assert ds.image_size == (32, 32) and (ds.crop_padding, ds.cutout) == (4, 16)
 
@@ -268,14 +143,14 @@ def test_missing_files(tmp_path, name, expected):
 
 
 def test_cifar10_partially_missing_names_the_file(tmp_path, monkeypatch):
-    _write_cifar10(tmp_path, monkeypatch)
+    write_cifar10(tmp_path, monkeypatch)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(DatasetError, match="data_batch_3"):
         load_dataset("cifar10", root=tmp_path)
 
 
 def test_cifar10_truncated_file_fails_checksum(tmp_path, monkeypatch):
-    _write_cifar10(tmp_path, monkeypatch)
+    write_cifar10(tmp_path, monkeypatch)
     path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(DatasetError, match="data_batch_2.*corrupted"):
@@ -283,16 +158,16 @@ def test_cifar10_truncated_file_fails_checksum(tmp_path, monkeypatch):
 
 
 def test_cifar10_unparsable_file_with_matching_checksum(tmp_path, monkeypatch):
-    _write_cifar10(tmp_path, monkeypatch)
+    write_cifar10(tmp_path, monkeypatch)
     path = tmp_path / "cifar-10-batches-py" / "test_batch"
     path.write_bytes(path.read_bytes()[:100])  # truncated pickle, but the "right" MD5
-    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", _md5(path)]])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5(path)]])
     with pytest.raises(DatasetError, match="test_batch.*corrupted"):
         load_dataset("cifar10", root=tmp_path)
 
 
 def test_fashion_mnist_truncated_file(tmp_path):
-    _write_fashion_mnist(tmp_path)
+    write_fashion_mnist(tmp_path)
     path = tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:7])
     with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte"):
@@ -300,7 +175,7 @@ def test_fashion_mnist_truncated_file(tmp_path):
 
 
 def test_food101_corrupted_image(tmp_path):
-    base, meta = _write_food101(tmp_path)
+    base, meta = write_food101(tmp_path)
     bad = base / "images" / f"{meta['test']['caesar_salad'][0]}.jpg"
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(DatasetError, match=str(bad.name)):

@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but its usage errors are one line like every other error of the CLI."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        print(f"aace: error: {message}", file=sys.stderr)
         print(f"hint: {self.prog} --help lists the options", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
@@ -174,7 +174,10 @@ def _presets() -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage errors (status 2) and --help (status 0)
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
         if args.command == "train":
             return _train(args)

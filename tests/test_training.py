@@ -1,0 +1,197 @@
+"""aace train end to end on tiny data: run directory, metrics, schedule, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aace import SAM, aace_loss, frozen_batchnorm_stats
+from aace.training import trainer as trainer_module
+from aace.training.checkpoint import load_checkpoint
+from aace.training.config import ConfigError, RunConfig
+from aace.training.step import TrainStep, build_optimizer
+from aace.training.trainer import TIMING_FIELDS, Trainer
+
+ROW_FIELDS = {
+    "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "ce_loss", "aace_loss",
+    "grad_norm", "perturbation_norm", "perturbation_cosine", "seconds", "images_per_second",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def npz_path(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    # Class-dependent brightness, so that a few epochs learn something.
+    y_train, y_test = rng.integers(0, 4, 48), rng.integers(0, 4, 16)
+
+    def images(y):
+        base = (y[:, None, None, None] * 60 + rng.integers(0, 40, (len(y), 8, 8, 3))).astype(
+            np.uint8
+        )
+        return base
+
+    np.savez(path, x_train=images(y_train), y_train=y_train, x_test=images(y_test), y_test=y_test)
+    return path
+
+
+def tiny_config(npz_path, out, **overrides):
+    values = dict(
+        dataset=f"npz:{npz_path}", model="wrn10_1", epochs=3, batch_size=16, lr=0.05,
+        out=str(out), seed=1,
+    )  # fmt: skip
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def read_rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sam", "sam-aace", "sam-aace-normalized", "asam"])
+def test_run_directory_for_every_optimizer(npz_path, tmp_path, optimizer):
+    out = tmp_path / "run"
+    summary = Trainer(tiny_config(npz_path, out, optimizer=optimizer), log=lambda _: None).fit()
+    rows = read_rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert set(row) == ROW_FIELDS
+        assert 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1
+        sam_fields = [row["grad_norm"], row["perturbation_norm"], row["perturbation_cosine"]]
+        if optimizer == "sgd":
+            assert sam_fields == [None, None, None]
+        else:
+            assert all(isinstance(v, float) for v in sam_fields)
+            assert -1 <= row["perturbation_cosine"] <= 1
+    if optimizer in ("sam", "sam-aace-normalized"):
+        # Normalized rules: ||e|| = rho exactly (up to eps).
+        rho = {"sam": 0.05, "sam-aace-normalized": 0.05}[optimizer]
+        assert rows[0]["perturbation_norm"] == pytest.approx(rho, rel=1e-5)
+    if optimizer == "sam-aace":
+        assert rows[0]["perturbation_norm"] == pytest.approx(0.2 * rows[0]["grad_norm"], rel=1e-5)
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["optimizer"] == optimizer
+    assert config["torch_version"] == torch.__version__ and config["aace_version"]
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["final_test_acc"] == rows[-1]["test_acc"]
+    assert summary["best_test_acc"] == max(r["test_acc"] for r in rows)
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint["epoch"] == 3 and without_timing(checkpoint["metrics"]) == without_timing(
+        rows
+    )
+
+
+def test_step_schedule_multiplies_by_0_2_at_30_60_80_percent(npz_path, tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config(npz_path, out, optimizer="sgd", epochs=10, lr=0.1, batch_size=48)
+    Trainer(config, log=lambda _: None).fit()
+    lrs = [r["lr"] for r in read_rows(out)]
+    expected = [0.1] * 3 + [0.02] * 3 + [0.004] * 2 + [0.0008] * 2
+    assert lrs == pytest.approx(expected)
+
+
+def test_losses_logged_at_unperturbed_weights_are_consistent(npz_path, tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_config(npz_path, out, optimizer="sam"), log=lambda _: None).fit()
+    for row in read_rows(out):
+        # Without label smoothing the update loss is the cross-entropy itself.
+        assert row["train_loss"] == pytest.approx(row["ce_loss"])
+
+
+def test_train_step_matches_manual_sam_aace(npz_path, tmp_path):
+    config = tiny_config(npz_path, tmp_path, optimizer="sam-aace", rho=0.3, label_smoothing=0.1)
+    torch.manual_seed(0)
+    from aace.models import create_model
+
+    model_a = create_model("wrn10_1", 4, 3)
+    model_b = create_model("wrn10_1", 4, 3)
+    model_b.load_state_dict(model_a.state_dict())
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    step = TrainStep(model_a, build_optimizer(model_a, config), config, torch.device("cpu"))
+    stats = step(x, y)
+    opt = SAM(model_b.parameters(), torch.optim.SGD, rho=0.3, perturbation="aace", lr=0.05,
+              momentum=0.9, weight_decay=5e-4)  # fmt: skip
+    logits = model_b(x)
+    aace_loss(logits, y).backward()
+    opt.first_step(zero_grad=True)
+    with frozen_batchnorm_stats(model_b):
+        F.cross_entropy(model_b(x), y, label_smoothing=0.1).backward()
+    opt.second_step(zero_grad=True)
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(stats.ce_loss, F.cross_entropy(logits.detach(), y))
+    torch.testing.assert_close(stats.aace_loss, aace_loss(logits.detach(), y))
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sam-aace"])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(
+    npz_path, tmp_path, monkeypatch, optimizer
+):
+    overrides = dict(optimizer=optimizer, epochs=4, dropout=0.3, aace_mode="rand")
+    reference = tmp_path / "reference"
+    Trainer(tiny_config(npz_path, reference, **overrides), log=lambda _: None).fit()
+
+    out = tmp_path / "interrupted"
+    real_save = trainer_module.save_checkpoint
+    calls = []
+
+    def save_then_die(path, payload):
+        real_save(path, payload)
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Killed
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        Trainer(tiny_config(npz_path, out, **overrides), log=lambda _: None).fit()
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    # A half-written third epoch: the metrics file may hold a row past the checkpoint.
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "test_acc": 0.0}\n')
+    messages = []
+    Trainer(tiny_config(npz_path, out, **overrides), log=messages.append).fit(resume=True)
+    assert any("resumed" in m and "after epoch 2" in m for m in messages)
+    assert without_timing(read_rows(out)) == without_timing(read_rows(reference))
+    final, expected = (
+        load_checkpoint(out / "checkpoint.pt"),
+        load_checkpoint(reference / "checkpoint.pt"),
+    )
+    for key, tensor in expected["model"].items():
+        assert torch.equal(final["model"][key], tensor), key
+
+
+def test_resume_without_checkpoint_starts_from_the_beginning(npz_path, tmp_path):
+    messages = []
+    out = tmp_path / "fresh"
+    Trainer(tiny_config(npz_path, out, epochs=1), log=messages.append).fit(resume=True)
+    assert "no checkpoint" in messages[0]
+    assert len(read_rows(out)) == 1
+
+
+def test_run_directory_protection(npz_path, tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_config(npz_path, out, epochs=1), log=lambda _: None).fit()
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume"):
+        Trainer(tiny_config(npz_path, out, epochs=1), log=lambda _: None).fit()
+    with pytest.raises(ConfigError, match=r"different run \(lr: 0.05 there, 0.2 now\)"):
+        Trainer(tiny_config(npz_path, out, epochs=1, lr=0.2), log=lambda _: None).fit(resume=True)
+    # Finished run resumed with the same settings: nothing to do, same summary.
+    summary = Trainer(tiny_config(npz_path, out, epochs=1), log=lambda _: None).fit(resume=True)
+    assert summary["epochs"] == 1
+
+
+def test_batch_size_larger_than_dataset(npz_path, tmp_path):
+    with pytest.raises(ConfigError, match="--batch-size: got 100, larger than"):
+        Trainer(tiny_config(npz_path, tmp_path / "r", batch_size=100), log=lambda _: None).fit()
