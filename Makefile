@@ -12,8 +12,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The main job: SGD, SAM and SAM+AACE on scikit-learn's digits, 2 seeds each, then the
+# comparison table and the paper's figures. Rerunning it resumes (finished runs are kept).
+DEMO := runs/demo
 demo: $(STAMP)
-	$(BIN)/python examples/own_loop.py
+	@for optimizer in sgd sam sam-aace; do for seed in 0 1; do \
+	  $(BIN)/aace train --preset digits-demo --optimizer $$optimizer --seed $$seed \
+	    --out $(DEMO)/$$optimizer-s$$seed --resume || exit 1; \
+	done; done
+	$(BIN)/aace compare $(DEMO)/*-s*
+	$(BIN)/aace plot $(DEMO)/*-s* --out $(DEMO)/curves.png
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

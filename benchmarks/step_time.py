@@ -17,7 +17,8 @@ lr 0.1, momentum 0.9, weight decay 5e-4 as the base), all on the same random CIF
 * ``LoopSAM``: :class:`LoopSAM` below, a plain per-parameter loop in the style of the widely
   used davda54/sam implementation, rho 0.05, cross-entropy perturbation.
 
-Every SAM variant runs its second forward pass under ``frozen_batchnorm_stats``. A SAM step
+Every SAM variant runs its second forward pass under ``frozen_batchnorm_stats``. With
+``--amp bf16`` each forward pass and its loss run under autocast, as in ``aace train``. A SAM step
 costs two forward-backward passes, so ``SAM+AACE / (2 x SGD)`` near 1 means the optimizer's own
 work (norm, perturbation, saving and restoring the weights) is negligible.
 
@@ -119,8 +120,8 @@ def _sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Auto
 
     def step() -> None:
         with autocast():
-            logits = model(x)
-        F.cross_entropy(logits, y).backward()
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -140,15 +141,14 @@ def _sam_step(
 
     def step() -> None:
         with autocast():
-            logits = model(x)
-        first_loss(logits, y).backward()
+            loss = first_loss(model(x), y)
+        loss.backward()
         phase_done("first pass (forward + backward)")
         opt.first_step(zero_grad=True)
         phase_done("SAM.first_step")
-        with frozen_batchnorm_stats(model):
-            with autocast():
-                logits = model(x)
-            F.cross_entropy(logits, y).backward()
+        with frozen_batchnorm_stats(model), autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         phase_done("second pass (forward + backward)")
         opt.second_step(zero_grad=True)
         phase_done("SAM.second_step")

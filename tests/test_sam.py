@@ -78,6 +78,20 @@ def test_second_step_restores_exactly_then_steps_base_optimizer():
         assert torch.equal(p, r)  # bit for bit, lr = 0
 
 
+def test_restore_undoes_first_step_without_updating():
+    model, x, y = tiny_problem(dtype=torch.float32)
+    reference = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    opt.restore()
+    for p, r in zip(model.parameters(), reference):
+        assert torch.equal(p, r)
+    assert opt.state_dict()["state"] == {}  # the base optimizer never stepped
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)  # a new step may begin
+
+
 def test_update_uses_gradient_at_perturbed_point():
     model, x, y = tiny_problem()
     start = [p.detach().clone() for p in model.parameters()]

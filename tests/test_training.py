@@ -13,12 +13,13 @@ from aace import SAM, aace_loss, frozen_batchnorm_stats
 from aace.training import trainer as trainer_module
 from aace.training.checkpoint import load_checkpoint
 from aace.training.config import ConfigError, RunConfig
-from aace.training.step import TrainStep, build_optimizer
+from aace.training.step import NonFiniteError, TrainStep, build_optimizer
 from aace.training.trainer import TIMING_FIELDS, Trainer
 
 ROW_FIELDS = {
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "ce_loss", "aace_loss",
     "grad_norm", "perturbation_norm", "perturbation_cosine", "seconds", "images_per_second",
+    "skipped_steps",
 }  # fmt: skip
 
 
@@ -195,3 +196,60 @@ def test_run_directory_protection(npz_path, tmp_path):
 def test_batch_size_larger_than_dataset(npz_path, tmp_path):
     with pytest.raises(ConfigError, match="--batch-size: got 100, larger than"):
         Trainer(tiny_config(npz_path, tmp_path / "r", batch_size=100), log=lambda _: None).fit()
+
+
+def _poison_batches(monkeypatch, bad_steps):
+    """Make the loader yield NaN images at the given (epoch, step) pairs (1-based)."""
+    from aace.data import BatchLoader
+
+    real_iter = BatchLoader.__iter__
+
+    def poisoned(self):
+        for i, (x, y) in enumerate(real_iter(self), start=1):
+            if self.train and (self.epoch + 1, i) in bad_steps:
+                x = torch.full_like(x, float("nan"))
+            yield x, y
+
+    monkeypatch.setattr(BatchLoader, "__iter__", poisoned)
+
+
+@pytest.mark.parametrize("optimizer, pass_name", [("sam-aace", "perturbation"), ("sgd", "update")])
+def test_nonfinite_stops_and_keeps_last_good_checkpoint(
+    npz_path, tmp_path, monkeypatch, optimizer, pass_name
+):
+    out = tmp_path / "run"
+    _poison_batches(monkeypatch, {(2, 2)})
+    with pytest.raises(NonFiniteError, match=f"non-finite {pass_name}-pass loss or gradient at "
+                       "step 2 of epoch 2; stopped, checkpoint of epoch 1 kept"):  # fmt: skip
+        Trainer(tiny_config(npz_path, out, optimizer=optimizer), log=lambda _: None).fit()
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1
+    assert [r["epoch"] for r in read_rows(out)] == [1]
+
+
+def test_nonfinite_skip_counts_steps_and_leaves_weights_finite(npz_path, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _poison_batches(monkeypatch, {(1, 1), (2, 2), (2, 3)})
+    config = tiny_config(npz_path, out, optimizer="sam-aace", nonfinite="skip")
+    Trainer(config, log=lambda _: None).fit()
+    rows = read_rows(out)
+    assert [r["skipped_steps"] for r in rows] == [1, 2, 0]
+    assert all(np.isfinite(r["train_loss"]) for r in rows)
+    model = load_checkpoint(out / "checkpoint.pt")["model"]
+    assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+
+
+def test_update_pass_skip_restores_weights(npz_path, tmp_path):
+    """A non-finite second pass: the perturbation is undone and nothing is updated."""
+    from aace.models import create_model
+
+    config = tiny_config(npz_path, tmp_path, optimizer="sam-aace", nonfinite="skip")
+    model = create_model("wrn10_1", 4, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, config)
+    step = TrainStep(model, optimizer, config, torch.device("cpu"))
+    step.update_loss = lambda logits, y: F.cross_entropy(logits, y) * float("inf")
+    stats = step(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,)))
+    assert stats.skipped_pass == "update"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key  # BatchNorm statistics included
+    assert optimizer.base_optimizer.state_dict()["state"] == {}

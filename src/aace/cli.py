@@ -23,8 +23,10 @@ from aace.training.config import (
     RunConfig,
     preset,
 )
+from aace.training.step import NonFiniteError
 
 EXIT_USAGE = 2
+EXIT_NONFINITE = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +66,12 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", choices=DEVICES, help="default auto")
     add("--amp", choices=AMP_MODES, help="bf16 autocast, or off (default)")
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    add(
+        "--nonfinite",
+        choices=("stop", "skip"),
+        help="on a NaN/inf loss or gradient: stop the run (default, last good checkpoint kept) "
+        "or skip the step (counted as skipped_steps in the metrics; costs a host sync per pass)",
+    )
     add("--out", help="run directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
 
@@ -197,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aace: interrupted", file=sys.stderr)
         return 130
+    except NonFiniteError as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"aace: error: {error}", file=sys.stderr)
+        return EXIT_NONFINITE
     except (ValueError, OSError) as error:
         # ConfigError, DatasetError, CheckpointError, ReportError are ValueErrors.
         if args.debug:

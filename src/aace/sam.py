@@ -177,6 +177,17 @@ class SAM(Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore w bit-for-bit, then step the base optimizer with the gradient at w + e."""
+        self.restore()
+        self.base_optimizer.step()
+        # LR schedulers watch for a call of ``step``; a first/second_step loop counts as one.
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Undo ``first_step`` (w + e -> w, bit for bit) without updating: for skipping a step
+        whose second-pass gradient is not finite, as ``GradScaler`` does."""
         for bucket in self._buckets(require_grad=False):
             params = bucket["params"]
             saved = [self.state[p]["saved_w"] for p in params]
@@ -187,11 +198,6 @@ class SAM(Optimizer):
                     w.copy_(s)
             for p in params:
                 self.state[p]["perturbed"] = False
-        self.base_optimizer.step()
-        # LR schedulers watch for a call of ``step``; a first/second_step loop counts as one.
-        self._opt_called = True
-        if zero_grad:
-            self.zero_grad(set_to_none=True)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One SAM step. ``.grad`` must already hold the first-pass gradient; ``closure`` must

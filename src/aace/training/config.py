@@ -13,6 +13,7 @@ OPTIMIZERS = ("sgd", "sam", "sam-aace", "sam-aace-normalized", "asam")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("off", "bf16")
+NONFINITE = ("stop", "skip")
 
 # rho when --rho is not given: SAM's 0.05 (Foret et al.), AACE's 0.2 (Ratchatorn & Tanaka),
 # ASAM's 0.5 for CIFAR-10 (Kwon et al.).
@@ -51,6 +52,7 @@ class RunConfig:
     device: str = "auto"
     amp: str = "off"
     compile: bool = False
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient stops the run, or the step is skipped
     out: str = "runs/run"
     preset: str | None = None
 
@@ -73,6 +75,8 @@ class RunConfig:
             fail("device", self.device, f"one of {', '.join(DEVICES)}")
         if self.amp not in AMP_MODES:
             fail("amp", self.amp, f"one of {', '.join(AMP_MODES)}")
+        if self.nonfinite not in NONFINITE:
+            fail("nonfinite", self.nonfinite, f"one of {', '.join(NONFINITE)}")
         if self.aace_mode not in AACE_MODES:
             fail("aace_mode", self.aace_mode, f"one of {', '.join(AACE_MODES)}")
         for name in ("lr", "weight_decay", "momentum"):
@@ -133,7 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     **{f"pyramidnet272-{d}": _paper("pyramidnet272_200", d, batch_size=64) for d in _DATASETS},
     # What fits a laptop CPU: the package's own demo.
     "digits-demo": dict(
-        dataset="digits", model="wrn10_2", epochs=8, batch_size=64, lr=0.05, schedule="cosine"
+        dataset="digits", model="wrn16_1", epochs=10, batch_size=64, lr=0.05, schedule="cosine"
     ),
 }
 

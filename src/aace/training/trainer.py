@@ -36,14 +36,14 @@ from aace.training.checkpoint import (
     save_checkpoint,
 )
 from aace.training.config import ConfigError, RunConfig
-from aace.training.step import StepStats, TrainStep, build_optimizer
+from aace.training.step import NonFiniteError, StepStats, TrainStep, build_optimizer
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 # Fields that may change between a run and its resume without changing its result.
-RESUMABLE_CHANGES = ("out", "device", "data_dir", "download", "compile")
+RESUMABLE_CHANGES = ("out", "device", "data_dir", "download", "compile", "nonfinite")
 TIMING_FIELDS = ("seconds", "images_per_second")
 EVAL_BATCH_SIZE = 1024
 
@@ -107,6 +107,9 @@ def evaluate(
     return loss_sum, correct, count
 
 
+PASSES = ("perturbation", "update")
+
+
 class _EpochSums:
     """Running sums of the step statistics, kept on the device until the epoch ends."""
 
@@ -115,12 +118,25 @@ class _EpochSums:
         self.sums = {name: zero() for name in ("train_loss", "ce_loss", "aace_loss", "correct")}
         self.sam = {name: zero() for name in ("grad_norm", "perturbation_norm")}
         self.cosine_sum, self.cosine_count = zero(), zero()
+        # First step (in this epoch) with a non-finite value and its pass (index into PASSES).
+        self.first_bad_step, self.bad_pass = zero() - 1, zero() - 1
         self.steps = 0
         self.samples = 0
+        self.skipped = 0
 
     def add(self, stats: StepStats, batch_size: int) -> None:
         self.steps += 1
+        if stats.skipped_pass is not None:
+            self.skipped += 1
+            return
         self.samples += batch_size
+        finite_first = (
+            stats.first_pass_finite if stats.first_pass_finite is not None else torch.tensor(True)
+        )
+        bad = ~(finite_first & stats.update_pass_finite)
+        new = bad & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(new, self.steps, self.first_bad_step)
+        self.bad_pass = torch.where(new, torch.where(finite_first, 1.0, 0.0), self.bad_pass)
         for name in ("train_loss", "ce_loss", "aace_loss"):
             self.sums[name] += getattr(stats, name).double() * batch_size
         self.sums["correct"] += stats.correct
@@ -134,13 +150,16 @@ class _EpochSums:
 
     def row(self, is_sam: bool) -> dict[str, float | None]:
         """One host transfer for the whole epoch."""
-        names = list(self.sums) + list(self.sam) + ["cosine_sum", "cosine_count"]
-        values = torch.stack(
-            list(self.sums.values())
-            + list(self.sam.values())
-            + [self.cosine_sum, self.cosine_count]
-        ).tolist()
+        names = list(self.sums) + list(self.sam)
+        names += ["cosine_sum", "cosine_count", "first_bad_step", "bad_pass"]
+        extra = [self.cosine_sum, self.cosine_count, self.first_bad_step, self.bad_pass]
+        values = torch.stack(list(self.sums.values()) + list(self.sam.values()) + extra).tolist()
         v = dict(zip(names, values))
+        if v["first_bad_step"] >= 0:
+            raise NonFiniteError(
+                f"non-finite {PASSES[int(v['bad_pass'])]}-pass loss or gradient "
+                f"at step {int(v['first_bad_step'])} of epoch {{epoch}}"
+            )
         n, steps = max(self.samples, 1), max(self.steps, 1)
         row: dict[str, float | None] = {
             "train_loss": v["train_loss"] / n,
@@ -150,6 +169,7 @@ class _EpochSums:
             "grad_norm": None,
             "perturbation_norm": None,
             "perturbation_cosine": None,
+            "skipped_steps": self.skipped,
         }
         if is_sam:
             row["grad_norm"] = v["grad_norm"] / steps
@@ -356,7 +376,14 @@ class Trainer:
         progress.close()
         test_loss, test_correct, test_count = evaluate(model, test_loader, self.config.amp)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
-        row.update(sums.row(step.is_sam))
+        try:
+            row.update(sums.row(step.is_sam))
+        except NonFiniteError as error:
+            kept = f"checkpoint of epoch {epoch} kept" if epoch else "no checkpoint written"
+            raise NonFiniteError(
+                f"{str(error).format(epoch=epoch + 1)}; stopped, {kept}. Lower --lr or --rho, "
+                "or pass --nonfinite skip to skip such steps"
+            ) from None
         count = max(int(test_count), 1)
         row["test_loss"] = float(test_loss) / count
         row["test_acc"] = int(test_correct) / count
