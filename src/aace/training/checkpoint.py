@@ -83,7 +83,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         ValueError,
         OSError,
     ) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+        text = str(error).strip() or type(error).__name__
+        first_line = text.splitlines()[0].split(". ")[0]
         raise CheckpointError(
             f"checkpoint '{path}' is truncated, corrupted or not a PyTorch file ({first_line})"
         ) from error
