@@ -1,0 +1,414 @@
+"""Input pipeline: images/s of ``BatchLoader`` against torchvision's ``DataLoader`` + PIL.
+
+Rerun the reported measurement from the repository root with:
+
+    .venv/bin/python benchmarks/pipeline.py
+
+(``--dataset npz:PATH`` for other data, ``--workers N`` repeatable for the DataLoader worker
+counts, ``--repeats``/``--warmup`` epochs, ``--train-steps`` for the data-wait loop.)
+
+Both pipelines read the same in-memory uint8 training images (default: the 5085-image CIFAR-10
+subset ``../shared/data/cifar10_5k.npz``, loaded with ``aace.data.load_dataset``) and apply the
+same training augmentation, normalising with the dataset's own mean/std, batch 128, drop_last:
+
+* ``BatchLoader``: ``aace.data.BatchLoader(train=True, crop_padding=4, hflip=True, cutout=16)``,
+  batched tensor ops on the whole batch, on the CPU here.
+* ``DataLoader W=n``: a ``torch.utils.data.Dataset`` over the same arrays as uint8 HWC numpy,
+  each item turned into a ``PIL.Image`` and passed through
+  ``T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+  T.Normalize(mean, std), Cutout(16)])`` (:class:`Cutout` below, the davda54/sam per-image
+  Cutout), ``DataLoader(batch_size=128, shuffle=True, num_workers=n, drop_last=True)``. With
+  ``n > 0`` the workers are persistent (started once, in the first warm-up epoch), so the timed
+  epochs do not pay the worker start-up; that cost is reported separately as the time to the
+  first batch of the very first epoch ("cold first batch").
+
+Epoch timing: one epoch = iterating every batch of the loader (``set_epoch(e)`` first for
+``BatchLoader``). ``--warmup`` untimed epochs, then ``--repeats`` timed epochs per variant,
+interleaved round-robin with a rotating start (``_common.time_interleaved``). The speedup is
+BatchLoader images/s over each DataLoader's, given as the ratio of medians and the median of
+per-round (paired) ratios.
+
+Data-wait share: a short SGD training loop (``wrn10_1``, 10 classes, lr 0.1, momentum 0.9,
+weight decay 5e-4, every pipeline starting from the same initial weights) fed by each pipeline;
+each step times ``next(iterator)`` (the wait for data) and the whole step (fetch + forward +
+backward + ``opt.step()``). The share is total fetch time / total step time over
+``--train-steps`` steps, after ``--train-warmup`` untimed steps. DataLoader workers prefetch in
+the background, so their wait can hide behind compute, but on a small CPU they also compete
+with it for cores.
+
+Threads matter on a small, shared CPU: ``BatchLoader`` runs on PyTorch's intra-op threads, and
+with the default thread count it slows down several-fold when other processes keep the cores
+busy (oversubscription), while the DataLoader workers use one thread each. ``--threads 1``
+gives a load-robust comparison there; the JSON records the thread count and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import _common
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from aace.data import BatchLoader, DatasetError, load_dataset
+from aace.models import create_model
+
+DEFAULT_DATASET = "npz:../shared/data/cifar10_5k.npz"
+BATCH_SIZE = 128
+CROP_PADDING = 4
+CUTOUT = 16
+MODEL = "wrn10_1"
+SGD_KWARGS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+class Cutout:
+    """Per-image Cutout in the style of davda54/sam ``example/utility/cutout.py``.
+
+    With probability ``p`` zero the ``size`` x ``size`` square (all channels) whose top-left
+    corner is drawn uniformly from ``[-size // 2, H - size // 2)`` x ``[-size // 2, W - size //
+    2)``, clipped to the image. Works in place on a ``(C, H, W)`` tensor and returns it.
+    """
+
+    def __init__(self, size: int = 16, p: float = 0.5) -> None:
+        self.size = size
+        self.half_size = size // 2
+        self.p = p
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if torch.rand([1]).item() > self.p:
+            return image
+        h, w = image.size(1), image.size(2)
+        top = torch.randint(-self.half_size, h - self.half_size, [1]).item()
+        left = torch.randint(-self.half_size, w - self.half_size, [1]).item()
+        bottom = min(h, top + self.size)
+        right = min(w, left + self.size)
+        image[:, max(0, top) : bottom, max(0, left) : right] = 0
+        return image
+
+
+class PILDataset(Dataset):
+    """Items ``(transform(PIL.Image.fromarray(images[i])), labels[i])`` of uint8 HWC arrays."""
+
+    def __init__(self, images_hwc: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        self.images = images_hwc
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = Image.fromarray(self.images[index])
+        return self.transform(image), int(self.labels[index])
+
+
+def make_dataloader(
+    images_hwc: np.ndarray,
+    labels: np.ndarray,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    workers: int,
+) -> DataLoader:
+    size = images_hwc.shape[1]
+    transform = T.Compose(
+        [
+            T.RandomCrop(size, padding=CROP_PADDING),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+            Cutout(CUTOUT),
+        ]
+    )
+    return DataLoader(
+        PILDataset(images_hwc, labels, transform),
+        batch_size=BATCH_SIZE,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
+
+
+class Pipeline:
+    """One loader behind a common interface: epochs, counted images, an endless batch stream."""
+
+    def __init__(self, loader: BatchLoader | DataLoader) -> None:
+        self.loader = loader
+        self.epoch = 0
+        self.images_per_epoch = 0
+
+    def _epoch_iter(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        if isinstance(self.loader, BatchLoader):
+            self.loader.set_epoch(self.epoch)
+        self.epoch += 1
+        return self.loader
+
+    def run_epoch(self) -> None:
+        images = 0
+        for x, _ in self._epoch_iter():
+            images += x.shape[0]
+        self.images_per_epoch = images
+
+    def cold_first_batch(self) -> float:
+        """Seconds from creating the first epoch's iterator to its first batch (then drained)."""
+        start = time.perf_counter()
+        iterator = iter(self._epoch_iter())
+        next(iterator)
+        elapsed = time.perf_counter() - start
+        for _ in iterator:
+            pass
+        return elapsed
+
+    def stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield from self._epoch_iter()
+
+
+def measure_data_wait(
+    pipeline: Pipeline, base: nn.Module, steps: int, warmup: int
+) -> dict[str, Any]:
+    """Per-step fetch (``next``) and total seconds of an SGD loop fed by ``pipeline``."""
+    model = copy.deepcopy(base).train()
+    opt = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
+    stream = pipeline.stream()
+    fetch_s: list[float] = []
+    step_s: list[float] = []
+    for index in range(warmup + steps):
+        start = time.perf_counter()
+        x, y = next(stream)
+        fetched = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        end = time.perf_counter()
+        if index >= warmup:
+            fetch_s.append(fetched - start)
+            step_s.append(end - start)
+    return {
+        "fetch_s": fetch_s,
+        "step_s": step_s,
+        "wait_share": sum(fetch_s) / sum(step_s),
+        "train_images_per_s": BATCH_SIZE * steps / sum(step_s),
+        "final_loss": float(loss.detach()),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        help="aace.data.load_dataset spec, e.g. npz:PATH (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_common.non_negative_int,
+        action="append",
+        default=None,
+        help="DataLoader num_workers; repeat for several (default: 0 and 2)",
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=_common.positive_int,
+        default=20,
+        help="timed training steps per pipeline for the data-wait share (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--train-warmup",
+        type=_common.non_negative_int,
+        default=3,
+        help="untimed training steps before those (default: %(default)s)",
+    )
+    _common.add_common_arguments(parser, repeats=3, warmup=1)
+    args = parser.parse_args(argv)
+    device = _common.setup(parser, args)
+    if device.type != "cpu":
+        parser.error("this benchmark compares CPU input pipelines; use --device cpu")
+    workers = args.workers if args.workers is not None else [0, 2]
+
+    if args.dataset.lower().startswith("npz:") and not os.path.isfile(args.dataset[4:]):
+        print(f"error: dataset file not found: {args.dataset[4:]}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        data = load_dataset(args.dataset)
+    except DatasetError as error:
+        print(f"error: cannot load dataset {args.dataset!r}: {error}", file=sys.stderr)
+        sys.exit(2)
+    n, c, h, w = (int(s) for s in data.x_train.shape)
+
+    images_hwc = np.ascontiguousarray(data.x_train.permute(0, 2, 3, 1).numpy())
+    if c == 1:
+        images_hwc = images_hwc[..., 0]
+    labels_np = data.y_train.numpy()
+    pipelines: dict[str, Pipeline] = {
+        "BatchLoader": Pipeline(
+            BatchLoader(
+                data.x_train,
+                data.y_train,
+                batch_size=BATCH_SIZE,
+                mean=data.mean,
+                std=data.std,
+                train=True,
+                crop_padding=CROP_PADDING,
+                hflip=True,
+                cutout=CUTOUT,
+                device=device,
+            )
+        )
+    }
+    for count in workers:
+        pipelines[f"DataLoader W={count}"] = Pipeline(
+            make_dataloader(images_hwc, labels_np, data.mean, data.std, count)
+        )
+    names = list(pipelines)
+
+    # The very first batch of each pipeline: includes starting the workers when W > 0.
+    cold = {name: pipelines[name].cold_first_batch() for name in names}
+    samples = _common.time_interleaved(
+        {name: pipelines[name].run_epoch for name in names}, args.repeats, args.warmup
+    )
+    images = {name: pipelines[name].images_per_epoch for name in names}
+    rates = {name: [images[name] / s for s in samples[name]] for name in names}
+
+    rows: list[dict[str, Any]] = []
+    epoch_rows = []
+    for name in names:
+        r = _common.summarize(rates[name])
+        s = _common.summarize(samples[name])
+        rows.append(
+            {
+                "variant": name,
+                "images_per_epoch": images[name],
+                "epoch_s": s,
+                "epoch_samples_s": samples[name],
+                "images_per_s": r,
+                "cold_first_batch_s": cold[name],
+            }
+        )
+        epoch_rows.append(
+            [
+                name,
+                f"{r['median']:,.0f}",
+                f"{r['q1']:,.0f}-{r['q3']:,.0f}",
+                f"{r['min']:,.0f}-{r['max']:,.0f}",
+                f"{s['median']:.3f}",
+                _common.milliseconds(cold[name]),
+                r["n"],
+            ]
+        )
+
+    base_name = names[0]
+    speedups: dict[str, Any] = {}
+    speedup_rows = []
+    for name in names[1:]:
+        of_medians = statistics.median(rates[base_name]) / statistics.median(rates[name])
+        # Same images per epoch, so images/s ratio = epoch time of `name` / that of BatchLoader.
+        paired = _common.paired_ratio(
+            [images[base_name] / s for s in samples[base_name]],
+            [images[name] / s for s in samples[name]],
+        )
+        speedups[f"{base_name} / {name}"] = {
+            "ratio_of_medians": of_medians,
+            "median_paired_ratio": paired,
+        }
+        speedup_rows.append([f"{base_name} / {name}", f"{of_medians:.1f}x", f"{paired:.1f}x"])
+
+    torch.manual_seed(0)
+    base = create_model(MODEL, num_classes=data.num_classes, in_channels=c)
+    waits: dict[str, Any] = {}
+    wait_rows = []
+    for name in names:
+        result = measure_data_wait(pipelines[name], base, args.train_steps, args.train_warmup)
+        waits[name] = result
+        wait_rows.append(
+            [
+                name,
+                _common.milliseconds(statistics.median(result["fetch_s"])),
+                _common.milliseconds(statistics.median(result["step_s"])),
+                f"{result['wait_share']:.1%}",
+                f"{result['train_images_per_s']:,.0f}",
+            ]
+        )
+
+    tables = [
+        f"Dataset `{args.dataset}`: {n} training images {c}x{h}x{w}; batch {BATCH_SIZE}, "
+        f"drop_last, {images[base_name]} images per epoch. Augmentation: crop padding "
+        f"{CROP_PADDING}, horizontal flip, Cutout {CUTOUT} (p 0.5). {args.repeats} timed epochs "
+        f"per variant after {args.warmup} warm-up epoch(s), interleaved.",
+        _common.markdown_table(
+            [
+                "variant",
+                "median images/s",
+                "IQR images/s",
+                "min-max images/s",
+                "median epoch s",
+                "cold first batch ms",
+                "n",
+            ],
+            epoch_rows,
+        ),
+        "Speedup in images/s: ratio of medians, median of per-round paired ratios.",
+        _common.markdown_table(["ratio", "of medians", "paired"], speedup_rows),
+        f"Data-wait share of a training step: `{MODEL}`, SGD, {args.train_steps} timed steps "
+        f"after {args.train_warmup} untimed; fetch = `next(iterator)`.",
+        _common.markdown_table(
+            ["pipeline", "median fetch ms", "median step ms", "wait share", "train images/s"],
+            wait_rows,
+        ),
+    ]
+    notes = (
+        "BatchLoader: batched tensor ops over the whole batch (index, crop, flip, normalise, "
+        "Cutout). DataLoader: per-image PIL `RandomCrop`/`RandomHorizontalFlip`, `ToTensor`, "
+        "`Normalize`, davda54/sam-style Cutout; `persistent_workers=True` for W > 0, so the "
+        "worker start-up is paid once (see the cold first batch, which is the first batch of the "
+        "first epoch before any warm-up) and not in the timed epochs. Wait share = total fetch "
+        "time / total step time."
+    )
+    config = {
+        "dataset": args.dataset,
+        "train_images": n,
+        "image_shape": [c, h, w],
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "batch_size": BATCH_SIZE,
+        "crop_padding": CROP_PADDING,
+        "hflip": True,
+        "cutout": CUTOUT,
+        "workers": workers,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "train_steps": args.train_steps,
+        "train_warmup": args.train_warmup,
+        "model": MODEL,
+        "sgd": SGD_KWARGS,
+        "threads": args.threads,
+        "device": str(device),
+    }
+    text = _common.write_results(
+        "pipeline",
+        rows,
+        "\n\n".join(tables),
+        args.out_dir,
+        device=device,
+        config=config,
+        extra={"speedups": speedups, "data_wait": waits},
+        notes=notes,
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
