@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from aace.training.config import (
     AMP_MODES,
     DEVICES,
     OPTIMIZERS,
+    PERTURBATION_SYNCS,
     PRESETS,
     SCHEDULES,
     ConfigError,
@@ -58,13 +60,39 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--momentum", type=float, help="SGD momentum (default 0.9)")
     add("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
     add("--weight-decay", type=float, help="default 5e-4")
-    add("--batch-size", type=int, help="default 128")
+    add(
+        "--batch-size",
+        type=int,
+        help="global batch of one step (default 128); with N processes and --accumulate K each "
+        "process runs K micro-batches of batch-size / (N K)",
+    )
     add("--epochs", type=int, help="default 200")
     add("--schedule", choices=SCHEDULES, help="step: x0.2 at 30/60/80%% of training; or cosine")
     add("--cutout", type=int, help="Cutout square side in pixels (0 = off; default per dataset)")
     add("--seed", type=int, help="default 0")
     add("--device", choices=DEVICES, help="default auto")
-    add("--amp", choices=AMP_MODES, help="bf16 autocast, or off (default)")
+    add(
+        "--amp",
+        choices=AMP_MODES,
+        help="bf16 autocast; fp16 autocast with a GradScaler (overflowing steps are skipped); "
+        "or off (default)",
+    )
+    add(
+        "--accumulate",
+        type=int,
+        help="micro-batches per pass, for a batch that does not fit in memory (default 1)",
+    )
+    add(
+        "--perturbation-sync",
+        choices=PERTURBATION_SYNCS,
+        help="under torchrun: each process perturbs with its own gradient (local, default, SAM's "
+        "m-sharpness) or with the gradient averaged over all processes (global)",
+    )
+    add(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        help="under torchrun on CUDA: SyncBatchNorm (batch statistics over all processes)",
+    )
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     add(
         "--nonfinite",
@@ -119,7 +147,10 @@ def _train(args: argparse.Namespace) -> int:
     from aace.training.trainer import Trainer
 
     config = config_from_args(args)
-    summary = Trainer(config, log=lambda line: print(line, flush=True)).fit(resume=args.resume)
+    trainer = Trainer(config, log=lambda line: print(line, flush=True))
+    summary = trainer.fit(resume=args.resume)
+    if not trainer.is_main:
+        return 0
     print(
         f"final test accuracy {summary['final_test_acc']:.4f}, best {summary['best_test_acc']:.4f} "
         f"(epoch {summary['best_epoch']}); run directory {config.out}"
@@ -208,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteError as error:
         if args.debug:
             traceback.print_exc()
-        print(f"aace: error: {error}", file=sys.stderr)
+        print(f"aace: error: {_rank_prefix()}{error}", file=sys.stderr)
         return EXIT_NONFINITE
     except (ValueError, OSError) as error:
         # ConfigError, DatasetError, CheckpointError, ReportError are ValueErrors.
@@ -217,8 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         if isinstance(error, OSError) and not isinstance(error, ValueError):
             message = f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
-        print(f"aace: error: {message}", file=sys.stderr)
+        print(f"aace: error: {_rank_prefix()}{message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _rank_prefix() -> str:
+    """Under torchrun every process reports its error; those of ranks > 0 say which they are."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank in ("", "0") else f"[rank {rank}] "
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ from aace.losses import AACE_MODES
 OPTIMIZERS = ("sgd", "sam", "sam-aace", "sam-aace-normalized", "asam")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-AMP_MODES = ("off", "bf16")
+AMP_MODES = ("off", "bf16", "fp16")
 NONFINITE = ("stop", "skip")
+# Under DDP, SAM's perturbation from each replica's own gradient ("local", the m-sharpness of
+# Foret et al., ICLR 2021, Sec. 4.1) or from the gradient averaged over all replicas ("global").
+PERTURBATION_SYNCS = ("local", "global")
 
 # rho when --rho is not given: SAM's 0.05 (Foret et al.), AACE's 0.2 (Ratchatorn & Tanaka),
 # ASAM's 0.5 for CIFAR-10 (Kwon et al.).
@@ -50,8 +53,11 @@ class RunConfig:
     cutout: int | None = None  # None: the dataset's default
     seed: int = 0
     device: str = "auto"
-    amp: str = "off"
+    amp: str = "off"  # "bf16" autocast, or "fp16" autocast with a GradScaler
     compile: bool = False
+    perturbation_sync: str = "local"  # under DDP: see PERTURBATION_SYNCS
+    sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
+    accumulate: int = 1  # micro-batches per pass: batch_size = processes x accumulate x micro-batch
     nonfinite: str = "stop"  # a NaN/inf loss or gradient stops the run, or the step is skipped
     out: str = "runs/run"
     preset: str | None = None
@@ -75,6 +81,11 @@ class RunConfig:
             fail("device", self.device, f"one of {', '.join(DEVICES)}")
         if self.amp not in AMP_MODES:
             fail("amp", self.amp, f"one of {', '.join(AMP_MODES)}")
+        if self.perturbation_sync not in PERTURBATION_SYNCS:
+            allowed = f"one of {', '.join(PERTURBATION_SYNCS)}"
+            fail("perturbation_sync", self.perturbation_sync, allowed)
+        if not isinstance(self.sync_bn, bool):
+            fail("sync_bn", self.sync_bn, "True or False")
         if self.nonfinite not in NONFINITE:
             fail("nonfinite", self.nonfinite, f"one of {', '.join(NONFINITE)}")
         if self.aace_mode not in AACE_MODES:
@@ -91,7 +102,7 @@ class RunConfig:
             value = getattr(self, name)
             if not finite(value) or not 0 <= value <= 1:
                 fail(name, value, "a number in [0, 1]")
-        for name in ("batch_size", "epochs", "image_size"):
+        for name in ("batch_size", "epochs", "image_size", "accumulate"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, value, "an integer >= 1")
@@ -99,7 +110,24 @@ class RunConfig:
             fail("cutout", self.cutout, "an integer >= 0")
         if not isinstance(self.seed, int) or self.seed < 0:
             fail("seed", self.seed, "an integer >= 0")
+        self.per_rank_batch_size(1)
         return self
+
+    def per_rank_batch_size(self, world_size: int) -> int:
+        """The batch of one process per step, from the global ``batch_size``.
+
+        ``batch_size`` is the global batch of one optimizer step (what the paper's recipes state),
+        split evenly over ``world_size`` processes and, within a process, over ``accumulate``
+        micro-batches; so it must be a multiple of ``world_size * accumulate``.
+        """
+        parts = world_size * self.accumulate
+        if self.batch_size % parts:
+            raise ConfigError(
+                f"--batch-size: got {self.batch_size}; expected a multiple of {parts} = "
+                f"{world_size} process(es) x --accumulate {self.accumulate} (the global batch is "
+                "split evenly over processes and micro-batches)"
+            )
+        return self.batch_size // world_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,23 +1,45 @@
 """One training step for every optimizer of the CLI: sgd, sam, asam, sam-aace, sam-aace-normalized.
 
 A step returns 0-dim device tensors only (losses, correct count, SAM statistics), so the loop
-never waits for the device; the trainer sums them and reads them once per epoch.
+never waits for the device; the trainer sums them and reads them once per epoch. The exceptions,
+each one host sync per pass and each asked for by a flag: ``--nonfinite skip`` and ``--amp
+fp16`` decide on the host whether to take the step.
+
+The same step serves one process and DDP, with gradient accumulation and mixed precision:
+
+* **DDP.** The perturbation pass runs inside ``ddp.no_sync()`` with ``--perturbation-sync
+  local`` (each replica perturbs with its own gradient: the m-sharpness setting of Foret et al.,
+  ICLR 2021, Sec. 4.1), or with DDP's gradient all-reduce with ``global`` (every replica takes the
+  perturbation of the global batch, as one process with the whole batch would). The update pass
+  always all-reduces, so the replicas stay one model.
+* **Accumulation.** The batch is split into ``accumulate`` micro-batches; each pass sums their
+  gradients, the loss of micro-batch i weighted by n_i / n, which makes the sum the gradient of
+  the mean loss over the whole batch. Under DDP only the last micro-batch of a synchronized pass
+  all-reduces.
+* **float16.** A ``GradScaler`` scales both passes' losses; the gradients are unscaled before
+  ``first_step`` and before ``second_step`` (:func:`aace.amp.unscale_`), and the whole SAM step
+  is skipped when either pass overflows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from aace import amp
 from aace.batchnorm import frozen_batchnorm_stats
 from aace.losses import aace_loss
 from aace.sam import SAM
 from aace.training.config import RunConfig
+from aace.training.distributed import max_across_ranks_
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # CLI optimizer name -> (SAM perturbation rule, adaptive); sgd is absent.
 SAM_RULES = {
@@ -58,7 +80,9 @@ class NonFiniteError(RuntimeError):
 class StepStats:
     """Per-step values, all detached 0-dim tensors on the training device.
 
-    A skipped step (``--nonfinite skip``) carries only ``skipped_pass``.
+    A skipped step (``--nonfinite skip``, or an fp16 overflow) carries ``skipped_pass``, and
+    under ``--amp fp16 --nonfinite stop`` also a false ``*_pass_finite`` when its loss was not
+    finite, so that the epoch's check stops the run.
     """
 
     train_loss: torch.Tensor | None = None  # update loss (label-smoothed CE) at w
@@ -71,6 +95,13 @@ class StepStats:
     first_pass_finite: torch.Tensor | None = None  # bool: perturbation loss and gradient
     update_pass_finite: torch.Tensor | None = None  # bool: update loss
     skipped_pass: str | None = None  # "perturbation" or "update" when the step was skipped
+
+
+def autocast(device: torch.device, amp_mode: str) -> AbstractContextManager:
+    """The forward-pass context of ``--amp``: autocast to bfloat16/float16, or nothing."""
+    if amp_mode == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp_mode])
 
 
 def grads_finite(params: list[torch.Tensor]) -> torch.Tensor:
@@ -86,8 +117,16 @@ def grads_finite(params: list[torch.Tensor]) -> torch.Tensor:
 class TrainStep:
     """Callable ``step(x, y) -> StepStats``; owns the losses and the pass structure.
 
-    ``first_pass_context`` wraps the perturbation pass (forward and backward); under DDP it is
-    ``model.no_sync`` so that pass skips the gradient all-reduce.
+    Args:
+        model: the module to train, or its DDP wrapper (compiled or not).
+        optimizer: from :func:`build_optimizer`.
+        config: the run's losses, ``amp``, ``accumulate``, ``perturbation_sync``, ``nonfinite``.
+        device: the training device.
+        ddp: the ``DistributedDataParallel`` wrapper when ``model`` is (a compiled) one; its
+            ``no_sync`` keeps passes and micro-batches out of the gradient all-reduce, and
+            skip decisions are agreed on by all ranks.
+
+    ``scaler`` is the ``GradScaler`` (enabled with ``amp="fp16"``), for checkpoints.
     """
 
     def __init__(
@@ -96,24 +135,24 @@ class TrainStep:
         optimizer: torch.optim.Optimizer,
         config: RunConfig,
         device: torch.device,
-        first_pass_context: Callable[[], object] = nullcontext,
+        ddp: DistributedDataParallel | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.config = config
+        self.ddp = ddp
         self.is_sam = isinstance(optimizer, SAM)
         self.uses_aace = config.optimizer in ("sam-aace", "sam-aace-normalized")
-        self.first_pass_context = first_pass_context
         self.skip_nonfinite = config.nonfinite == "skip"
+        self.local_perturbation = config.perturbation_sync == "local"
+        self.accumulate = config.accumulate
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+        self.fp16 = self.scaler.is_enabled()
         self.params = [p for p in model.parameters() if p.requires_grad]
         # Skipping a step must also undo what its forward pass did to BatchNorm statistics.
-        self.buffers = list(model.buffers()) if self.skip_nonfinite else []
+        self.buffers = list(model.buffers()) if self.skip_nonfinite or self.fp16 else []
         self.saved_buffers = [b.clone() for b in self.buffers]
-        self.autocast = (
-            torch.autocast(device.type, dtype=torch.bfloat16)
-            if config.amp == "bf16"
-            else nullcontext()
-        )
+        self.autocast = autocast(device, config.amp)
 
     def update_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
@@ -132,18 +171,91 @@ class TrainStep:
             correct=(logits.argmax(1) == y).sum(),
         )
 
-    def _finite_or_skip(self, loss: torch.Tensor) -> bool:
-        """With ``--nonfinite skip``: whether loss and gradients are finite (a host sync, the
-        price of deciding on the host); if not, the buffers are restored and the gradients
-        dropped. Without it: always True, and no sync."""
-        if not self.skip_nonfinite:
-            return True
-        if bool(torch.isfinite(loss.detach()) & grads_finite(self.params)):
-            return True
+    def _micro_batches(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """``(x_i, y_i, n_i / n)``: sum_i (n_i / n) mean_i(loss) is the mean over the batch."""
+        if self.accumulate == 1:
+            return [(x, y, 1.0)]
+        n = y.shape[0]
+        if n < self.accumulate:
+            raise ValueError(
+                f"a batch of {n} samples cannot be split into accumulate={self.accumulate} "
+                "micro-batches; expected at least one sample per micro-batch"
+            )
+        return [
+            (xs, ys, ys.shape[0] / n)
+            for xs, ys in zip(x.tensor_split(self.accumulate), y.tensor_split(self.accumulate))
+        ]
+
+    def _sync_context(self, perturbation_pass: bool, last: bool) -> AbstractContextManager:
+        """DDP all-reduces in the last micro-batch of a pass, never in a local perturbation."""
+        if self.ddp is None or (last and not (perturbation_pass and self.local_perturbation)):
+            return nullcontext()
+        return self.ddp.no_sync()
+
+    def _pass(
+        self,
+        micro_batches: list[tuple[torch.Tensor, torch.Tensor, float]],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        perturbation_pass: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over the micro-batches; ``(logits, loss)`` of the whole batch,
+        both detached."""
+        logits_parts, loss_total = [], None
+        for i, (x, y, weight) in enumerate(micro_batches):
+            with self._sync_context(perturbation_pass, last=i == len(micro_batches) - 1):
+                with self.autocast:
+                    logits = self.model(x)
+                    loss = loss_fn(logits, y)
+                if weight != 1.0:
+                    loss = loss * weight
+                self.scaler.scale(loss).backward()
+            loss_total = loss.detach() if loss_total is None else loss_total + loss.detach()
+            logits_parts.append(logits.detach())
+        logits = logits_parts[0] if len(logits_parts) == 1 else torch.cat(logits_parts)
+        return logits, loss_total
+
+    def _skip(self, loss: torch.Tensor, sam_pass: str) -> StepStats | None:
+        """Decide whether the pass's gradients can be used; if not, undo the step's effects
+        (perturbation, gradients, BatchNorm statistics) and return the skipped step's stats.
+
+        fp16: unscale first (the SAM step needs true gradients), then skip on overflow or a
+        non-finite loss. ``--nonfinite skip``: skip on a non-finite loss or gradient.
+        Otherwise: never skip, and no host sync. Under DDP the verdict is agreed on by all
+        ranks (a local perturbation pass may overflow on one rank only).
+        """
+        loss_finite = torch.isfinite(loss)
+        if self.fp16:
+            found_inf = amp.unscale_(
+                self.scaler, self.optimizer, loss, sam_pass=sam_pass if self.is_sam else None
+            )
+            if self.ddp is not None:
+                max_across_ranks_(found_inf)  # the scaler's own record: same scale on all ranks
+            skip, loss_bad = torch.stack([found_inf.bool(), ~loss_finite]).tolist()
+            # A non-finite loss (not just a scaled gradient overflow) is divergence, which
+            # --nonfinite stop reports at the end of the epoch.
+            stop = bool(loss_bad) and not self.skip_nonfinite
+        elif self.skip_nonfinite:
+            bad = (~(loss_finite & grads_finite(self.params))).float()
+            if self.ddp is not None:
+                max_across_ranks_(bad)
+            skip, stop = bool(bad.item()), False
+        else:
+            return None
+        if not skip:
+            return None
+        if sam_pass == "update" and self.is_sam:
+            self.optimizer.restore()
         self.optimizer.zero_grad(set_to_none=True)
         if self.buffers:
             torch._foreach_copy_(self.buffers, self.saved_buffers)
-        return False
+        self.scaler.update()  # after an overflow: backs off the scale
+        stats = StepStats(skipped_pass=sam_pass)
+        if stop:
+            name = "first_pass_finite" if sam_pass == "perturbation" else "update_pass_finite"
+            setattr(stats, name, loss_finite)
+        return stats
 
     def _save_buffers(self) -> None:
         if self.buffers:
@@ -151,38 +263,37 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         self._save_buffers()
+        micro_batches = self._micro_batches(x, y)
         if not self.is_sam:
-            with self.autocast:
-                logits = self.model(x)
-                loss = self.update_loss(logits, y)
-            loss.backward()
-            if not self._finite_or_skip(loss):
-                return StepStats(skipped_pass="update")
+            logits, loss = self._pass(micro_batches, self.update_loss, perturbation_pass=False)
+            skipped = self._skip(loss, "update")
+            if skipped is not None:
+                return skipped
             self.optimizer.step()
+            self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             stats = self._stats(logits, y)
-            stats.update_pass_finite = torch.isfinite(loss.detach())
+            stats.update_pass_finite = torch.isfinite(loss)
             return stats
 
-        with self.first_pass_context():
-            with self.autocast:
-                logits = self.model(x)
-                loss = self.perturbation_loss(logits, y)
-            loss.backward()
-        if not self._finite_or_skip(loss):
-            return StepStats(skipped_pass="perturbation")
+        logits, loss = self._pass(micro_batches, self.perturbation_loss, perturbation_pass=True)
+        skipped = self._skip(loss, "perturbation")
+        if skipped is not None:
+            return skipped
         self.optimizer.first_step(zero_grad=True)
-        with frozen_batchnorm_stats(self.model), self.autocast:
-            adversarial_loss = self.update_loss(self.model(x), y)
-        adversarial_loss.backward()
-        if not self._finite_or_skip(adversarial_loss):
-            self.optimizer.restore()
-            return StepStats(skipped_pass="update")
+        with frozen_batchnorm_stats(self.model):
+            _, adversarial_loss = self._pass(
+                micro_batches, self.update_loss, perturbation_pass=False
+            )
+        skipped = self._skip(adversarial_loss, "update")
+        if skipped is not None:
+            return skipped
         self.optimizer.second_step(zero_grad=True)
+        self.scaler.update()
         stats = self._stats(logits, y)
         stats.grad_norm = self.optimizer.grad_norm
         stats.perturbation_norm = self.optimizer.perturbation_norm
         stats.perturbation_cosine = self.optimizer.perturbation_cosine
-        stats.first_pass_finite = torch.isfinite(loss.detach()) & torch.isfinite(stats.grad_norm)
-        stats.update_pass_finite = torch.isfinite(adversarial_loss.detach())
+        stats.first_pass_finite = torch.isfinite(loss) & torch.isfinite(stats.grad_norm)
+        stats.update_pass_finite = torch.isfinite(adversarial_loss)
         return stats

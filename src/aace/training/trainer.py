@@ -7,6 +7,10 @@ A run directory holds ``config.json`` (the resolved configuration and versions),
 Order of writes at the end of an epoch: the metrics row is appended, then the checkpoint (which
 also carries all rows so far) replaces the previous one. A resume rewrites ``metrics.jsonl``
 from the checkpoint, so the file never holds an epoch twice or an epoch past the checkpoint.
+
+Under torchrun every process runs :meth:`Trainer.fit` on its shard of the data; rank 0 alone
+writes these files and logs, with metrics reduced over all ranks once per epoch (see
+:mod:`aace.training.distributed` and ``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from torch import nn
 
 import aace
 from aace.data import BatchLoader, InMemoryDataset, load_dataset
+from aace.data.loader import _derive_seed
 from aace.models import create_model
+from aace.training import distributed
 from aace.training.checkpoint import (
     CheckpointError,
     atomic_write_json,
@@ -36,16 +42,25 @@ from aace.training.checkpoint import (
     save_checkpoint,
 )
 from aace.training.config import ConfigError, RunConfig
-from aace.training.step import NonFiniteError, StepStats, TrainStep, build_optimizer
+from aace.training.distributed import Distributed
+from aace.training.step import NonFiniteError, StepStats, TrainStep, autocast, build_optimizer
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
-# Fields that may change between a run and its resume without changing its result.
-RESUMABLE_CHANGES = ("out", "device", "data_dir", "download", "compile", "nonfinite")
+# Fields that may change between a run and its resume without changing its result. The number
+# of processes is not a field: it may change too (the global batch stays --batch-size), and so
+# may --accumulate, which splits the same batch differently (BatchNorm sees smaller batches).
+RESUMABLE_CHANGES = (
+    "out", "device", "data_dir", "download", "compile", "nonfinite", "accumulate",
+)  # fmt: skip
 TIMING_FIELDS = ("seconds", "images_per_second")
 EVAL_BATCH_SIZE = 1024
+
+
+def _silent(_: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,15 +106,15 @@ def build_scheduler(
 def evaluate(
     model: nn.Module, loader: BatchLoader, amp: str = "off"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed CE loss, correct count and sample count over the loader, as device tensors."""
+    """Summed CE loss, correct count and sample count over the loader, as device tensors
+    (over this rank's shard; the trainer sums them across ranks)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     count = torch.zeros((), device=device, dtype=torch.int64)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
     for x, y in loader:
-        with autocast:
+        with autocast(device, amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
@@ -111,32 +126,36 @@ PASSES = ("perturbation", "update")
 
 
 class _EpochSums:
-    """Running sums of the step statistics, kept on the device until the epoch ends."""
+    """Running sums of the step statistics, kept on the device until the epoch ends, then
+    reduced across ranks and read to the host at once (:meth:`row`)."""
 
     def __init__(self, device: torch.device) -> None:
         zero = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
+        self.device = device
         self.sums = {name: zero() for name in ("train_loss", "ce_loss", "aace_loss", "correct")}
         self.sam = {name: zero() for name in ("grad_norm", "perturbation_norm")}
         self.cosine_sum, self.cosine_count = zero(), zero()
-        # First step (in this epoch) with a non-finite value and its pass (index into PASSES).
-        self.first_bad_step, self.bad_pass = zero() - 1, zero() - 1
+        # First step (in this epoch) with a non-finite value, as 2 * step + pass (index into
+        # PASSES), so that the minimum over ranks names the earliest; -1: none.
+        self.first_bad = zero() - 1
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
         self.steps = 0
         self.samples = 0
         self.skipped = 0
 
     def add(self, stats: StepStats, batch_size: int) -> None:
         self.steps += 1
+        if stats.first_pass_finite is not None or stats.update_pass_finite is not None:
+            finite_first, finite_update = stats.first_pass_finite, stats.update_pass_finite
+            finite_first = self.finite if finite_first is None else finite_first
+            finite_update = self.finite if finite_update is None else finite_update
+            bad = ~(finite_first & finite_update)
+            key = 2 * self.steps + torch.where(finite_first, 1.0, 0.0)
+            self.first_bad = torch.where(bad & (self.first_bad < 0), key, self.first_bad)
         if stats.skipped_pass is not None:
             self.skipped += 1
             return
         self.samples += batch_size
-        finite_first = (
-            stats.first_pass_finite if stats.first_pass_finite is not None else torch.tensor(True)
-        )
-        bad = ~(finite_first & stats.update_pass_finite)
-        new = bad & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(new, self.steps, self.first_bad_step)
-        self.bad_pass = torch.where(new, torch.where(finite_first, 1.0, 0.0), self.bad_pass)
         for name in ("train_loss", "ce_loss", "aace_loss"):
             self.sums[name] += getattr(stats, name).double() * batch_size
         self.sums["correct"] += stats.correct
@@ -148,19 +167,36 @@ class _EpochSums:
             self.cosine_sum += torch.where(defined, cosine, torch.zeros_like(cosine))
             self.cosine_count += defined.double()
 
-    def row(self, is_sam: bool) -> dict[str, float | None]:
-        """One host transfer for the whole epoch."""
-        names = list(self.sums) + list(self.sam)
-        names += ["cosine_sum", "cosine_count", "first_bad_step", "bad_pass"]
-        extra = [self.cosine_sum, self.cosine_count, self.first_bad_step, self.bad_pass]
-        values = torch.stack(list(self.sums.values()) + list(self.sam.values()) + extra).tolist()
+    def row(
+        self,
+        is_sam: bool,
+        test: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        context: Distributed,
+    ) -> tuple[dict[str, float | None], int]:
+        """The epoch's training and test metrics over all ranks, and the number of training
+        samples of all ranks: one collective and one host transfer per epoch. Raises
+        :class:`NonFiniteError` on every rank if any rank saw a non-finite value (its message has
+        an ``{epoch}`` field for the caller)."""
+        names = [*self.sums, *self.sam, "cosine_sum", "cosine_count"]
+        names += ["test_loss", "test_correct", "test_count", "samples", "skipped"]
+        local = [*self.sums.values(), *self.sam.values(), self.cosine_sum, self.cosine_count]
+        local += [t.to(self.device, torch.float64) for t in test]
+        local += [torch.tensor(float(n), device=self.device) for n in (self.samples, self.skipped)]
+        table = context.gather(torch.stack([*local, self.first_bad]))  # (ranks, len(names) + 1)
+        bad = table[:, -1]
+        first_bad = torch.where(bad >= 0, bad, torch.inf).min()
+        *values, first_bad_value = torch.cat([table[:, :-1].sum(0), first_bad[None]]).tolist()
         v = dict(zip(names, values))
-        if v["first_bad_step"] >= 0:
+        if math.isfinite(first_bad_value):
+            step, pass_index = divmod(int(first_bad_value), 2)
             raise NonFiniteError(
-                f"non-finite {PASSES[int(v['bad_pass'])]}-pass loss or gradient "
-                f"at step {int(v['first_bad_step'])} of epoch {{epoch}}"
+                f"non-finite {PASSES[pass_index]}-pass loss or gradient "
+                f"at step {step} of epoch {{epoch}}"
             )
-        n, steps = max(self.samples, 1), max(self.steps, 1)
+        ranks = context.world_size
+        skipped = round(v["skipped"] / ranks)  # the ranks agree on which steps they skip
+        n, done = max(v["samples"], 1), max(ranks * (self.steps - skipped), 1)
+        test_count = max(v["test_count"], 1)
         row: dict[str, float | None] = {
             "train_loss": v["train_loss"] / n,
             "train_acc": v["correct"] / n,
@@ -169,14 +205,17 @@ class _EpochSums:
             "grad_norm": None,
             "perturbation_norm": None,
             "perturbation_cosine": None,
-            "skipped_steps": self.skipped,
+            "skipped_steps": skipped,
+            "test_loss": v["test_loss"] / test_count,
+            "test_acc": v["test_correct"] / test_count,
         }
         if is_sam:
-            row["grad_norm"] = v["grad_norm"] / steps
-            row["perturbation_norm"] = v["perturbation_norm"] / steps
+            # Means over the steps taken and, under DDP, over the ranks' own perturbations.
+            row["grad_norm"] = v["grad_norm"] / done
+            row["perturbation_norm"] = v["perturbation_norm"] / done
             if v["cosine_count"] > 0:
                 row["perturbation_cosine"] = v["cosine_sum"] / v["cosine_count"]
-        return row
+        return row, int(v["samples"])
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
@@ -193,6 +232,7 @@ class Trainer:
         self.config = config.validate()
         self.log = log
         self.out = Path(config.out)
+        self.is_main = True  # False on ranks > 0 once fit() knows
 
     # -- run directory -----------------------------------------------------------------------
 
@@ -247,13 +287,14 @@ class Trainer:
                 "use the same settings or another --out"
             )
 
-    def _environment(self, device: torch.device) -> dict[str, Any]:
+    def _environment(self, device: torch.device, context: Distributed) -> dict[str, Any]:
         return {
             "aace_version": aace.__version__,
             "torch_version": torch.__version__,
             "python_version": platform.python_version(),
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "world_size": context.world_size,
             "platform": platform.platform(),
             "command": sys.argv,
         }
@@ -261,13 +302,34 @@ class Trainer:
     # -- the run -----------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        config = self.config
-        device = resolve_device(config.device)
-        checkpoint = self._prepare_directory(resume)
+        """Train (or, with ``resume``, continue) the run; returns the summary.
 
-        torch.manual_seed(config.seed)
-        dataset = load_dataset(config.dataset, config.data_dir, config.download, config.image_size)
+        Under torchrun every process calls ``fit``: see :mod:`aace.training.distributed`.
+        """
+        context, device = distributed.setup(resolve_device(self.config.device))
+        self.is_main = context.is_main
+        try:
+            return self._fit(context, device, resume)
+        finally:
+            context.close()
+
+    def _fit(self, context: Distributed, device: torch.device, resume: bool) -> dict[str, Any]:
+        config = self.config
+        log = self.log if context.is_main else _silent
+        batch_size = config.per_rank_batch_size(context.world_size)
+        checkpoint = context.run_on_main(lambda: self._prepare_directory(resume))
+
+        torch.manual_seed(config.seed)  # the same initial model on every rank
+        dataset = context.main_first(
+            lambda: load_dataset(
+                config.dataset, config.data_dir, config.download, config.image_size
+            )
+        )
         model = build_model(config, dataset).to(device)
+        model, ddp = distributed.wrap_model(model, context, device, config.sync_bn)
+        if context.enabled:
+            # Dropout masks and AACE's "rand" weights differ across ranks.
+            torch.manual_seed(_derive_seed(config.seed, context.rank))
         optimizer = build_optimizer(model, config)
         scheduler = build_scheduler(optimizer, config)
         cutout = dataset.cutout if config.cutout is None else config.cutout
@@ -279,7 +341,7 @@ class Trainer:
         train_loader = BatchLoader(
             dataset.x_train,
             dataset.y_train,
-            batch_size=config.batch_size,
+            batch_size=batch_size,
             mean=dataset.mean,
             std=dataset.std,
             train=True,
@@ -287,6 +349,8 @@ class Trainer:
             hflip=dataset.hflip,
             cutout=cutout,
             seed=config.seed,
+            rank=context.rank,
+            world_size=context.world_size,
             device=device,
         )
         test_loader = BatchLoader(
@@ -296,56 +360,72 @@ class Trainer:
             mean=dataset.mean,
             std=dataset.std,
             train=False,
+            rank=context.rank,
+            world_size=context.world_size,
             device=device,
         )
-        step_model = torch.compile(model) if config.compile else model
-        step = TrainStep(step_model, optimizer, config, device)
+        step_model = ddp if ddp is not None else model
+        if config.compile:
+            step_model = torch.compile(step_model)
+        step = TrainStep(step_model, optimizer, config, device, ddp=ddp)
 
         rows: list[dict[str, Any]] = []
         start_epoch = 0
         if checkpoint is not None:
-            start_epoch, rows = self._restore(checkpoint, model, optimizer, scheduler, device)
-            self.log(f"resumed from '{self.out / CHECKPOINT}' after epoch {start_epoch}")
-        atomic_write_json(
-            self.out / CONFIG, {"config": config.to_dict(), **self._environment(device)}
-        )
-        atomic_write_text(
-            self.out / METRICS, "".join(json.dumps(_json_safe(r)) + "\n" for r in rows)
-        )
-        self.log(
+            start_epoch, rows = self._restore(
+                checkpoint, model, optimizer, scheduler, step.scaler, device, context
+            )
+            log(f"resumed from '{self.out / CHECKPOINT}' after epoch {start_epoch}")
+        if context.is_main:
+            atomic_write_json(
+                self.out / CONFIG,
+                {"config": config.to_dict(), **self._environment(device, context)},
+            )
+            atomic_write_text(
+                self.out / METRICS, "".join(json.dumps(_json_safe(r)) + "\n" for r in rows)
+            )
+        processes = f", {context.world_size} processes" if context.enabled else ""
+        log(
             f"{config.optimizer} on {dataset.name} ({len(dataset.y_train)} train / "
             f"{len(dataset.y_test)} test, {dataset.num_classes} classes), {config.model} "
-            f"({sum(p.numel() for p in model.parameters()):,} parameters), {device}, "
-            f"{config.epochs} epochs -> {self.out}"
+            f"({sum(p.numel() for p in model.parameters()):,} parameters), {device}"
+            f"{processes}, {config.epochs} epochs -> {self.out}"
         )
 
         for epoch in range(start_epoch, config.epochs):
-            row = self._train_epoch(epoch, step, model, optimizer, train_loader, test_loader)
+            row = self._train_epoch(
+                epoch, step, model, optimizer, train_loader, test_loader, context
+            )
             rows.append(row)
+            scheduler.step()
+            rng = context.gather_objects(self._rng_state(device))
+            if not context.is_main:
+                continue
             with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(_json_safe(row)) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            scheduler.step()
-            save_checkpoint(
-                self.out / CHECKPOINT,
-                {
-                    "config": config.to_dict(),
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": self._rng_state(device),
-                    "metrics": rows,
-                    "num_classes": dataset.num_classes,
-                    "in_channels": dataset.in_channels,
-                    "aace_version": aace.__version__,
-                },
-            )
-            self.log(self._format_row(row))
+            payload = {
+                "config": config.to_dict(),
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": dict(rng[0], ranks=rng) if context.enabled else rng[0],
+                "world_size": context.world_size,
+                "metrics": rows,
+                "num_classes": dataset.num_classes,
+                "in_channels": dataset.in_channels,
+                "aace_version": aace.__version__,
+            }
+            if step.fp16:
+                payload["scaler"] = step.scaler.state_dict()
+            save_checkpoint(self.out / CHECKPOINT, payload)
+            log(self._format_row(row))
 
         summary = summarize(rows, config)
-        atomic_write_json(self.out / SUMMARY, summary)
+        if context.is_main:
+            atomic_write_json(self.out / SUMMARY, summary)
         return summary
 
     def _train_epoch(
@@ -356,6 +436,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         train_loader: BatchLoader,
         test_loader: BatchLoader,
+        context: Distributed,
     ) -> dict[str, Any]:
         device = next(model.parameters()).device
         lr = optimizer.param_groups[0]["lr"]
@@ -363,7 +444,7 @@ class Trainer:
         if step.is_sam:
             optimizer.reset_stats()
         sums = _EpochSums(device)
-        progress = _Progress(len(train_loader), epoch + 1, self.config.epochs)
+        progress = _Progress(len(train_loader), epoch + 1, self.config.epochs, context.is_main)
         start = time.perf_counter()
         model.train()
         for x, y in train_loader:
@@ -374,21 +455,20 @@ class Trainer:
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - start
         progress.close()
-        test_loss, test_correct, test_count = evaluate(model, test_loader, self.config.amp)
+        distributed.broadcast_buffers(model, context)
+        test = evaluate(model, test_loader, self.config.amp)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
         try:
-            row.update(sums.row(step.is_sam))
+            values, samples = sums.row(step.is_sam, test, context)
         except NonFiniteError as error:
             kept = f"checkpoint of epoch {epoch} kept" if epoch else "no checkpoint written"
             raise NonFiniteError(
                 f"{str(error).format(epoch=epoch + 1)}; stopped, {kept}. Lower --lr or --rho, "
                 "or pass --nonfinite skip to skip such steps"
             ) from None
-        count = max(int(test_count), 1)
-        row["test_loss"] = float(test_loss) / count
-        row["test_acc"] = int(test_correct) / count
+        row.update(values)
         row["seconds"] = time.perf_counter() - start
-        row["images_per_second"] = sums.samples / train_seconds if train_seconds > 0 else None
+        row["images_per_second"] = samples / train_seconds if train_seconds > 0 else None
         return row
 
     @staticmethod
@@ -404,25 +484,43 @@ class Trainer:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
         device: torch.device,
+        context: Distributed,
     ) -> tuple[int, list[dict[str, Any]]]:
         path = self.out / CHECKPOINT
         try:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
+            if scaler.is_enabled() and "scaler" in checkpoint:
+                scaler.load_state_dict(checkpoint["scaler"])
         except (RuntimeError, KeyError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise CheckpointError(
                 f"checkpoint '{path}' does not fit this model/optimizer ({first_line})"
             ) from error
+        epoch = int(checkpoint["epoch"])
         rng = checkpoint.get("rng", {})
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        states = rng.get("ranks", [rng])
+        if len(states) == context.world_size:
+            rng = states[context.rank]
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and device.type == "cuda":
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:
+            # Another number of processes than the checkpoint's: same global batch and data
+            # order, fresh (but seeded) random streams for dropout and AACE's "rand" mode.
+            torch.manual_seed(_derive_seed(self.config.seed, context.rank, epoch))
+            if context.is_main:
+                self.log(
+                    f"notice: the checkpoint was written by {len(states)} process(es), this run "
+                    f"has {context.world_size}; dropout and random AACE weights will not repeat "
+                    "the uninterrupted run"
+                )
         rows = list(checkpoint.get("metrics", []))
-        return int(checkpoint["epoch"]), rows
+        return epoch, rows
 
     @staticmethod
     def _format_row(row: dict[str, Any]) -> str:
@@ -464,9 +562,9 @@ class _Progress:
     stays free of per-step host syncs.
     """
 
-    def __init__(self, total: int, epoch: int, epochs: int) -> None:
+    def __init__(self, total: int, epoch: int, epochs: int, enabled: bool = True) -> None:
         self.bar = None
-        if sys.stderr.isatty():
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", leave=False)

@@ -1,0 +1,512 @@
+"""DDP (2 CPU processes, gloo), gradient accumulation and float16 with GradScaler.
+
+The multi-process tests spawn two workers that write what they computed to files; the test
+process checks it against a computation without DDP (one process with the whole batch, or the
+m-sharpness update written out by hand).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from aace import SAM, aace_loss, frozen_batchnorm_stats
+from aace.amp import unscale_
+from aace.cli import main
+from aace.training.checkpoint import load_checkpoint
+from aace.training.config import ConfigError, RunConfig
+from aace.training.distributed import Distributed, wrap_model
+from aace.training.step import TrainStep, build_optimizer
+from aace.training.trainer import TIMING_FIELDS, Trainer
+
+WORLD = 2
+B = 4  # per-rank batch
+STEPS = 3
+SPAWN_TIMEOUT = 120
+
+
+# -- spawning ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, port: int, worker, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(worker, *args) -> None:
+    """Run ``worker(rank, *args)`` in 2 processes with a gloo process group."""
+    context = mp.spawn(_entry, args=(_free_port(), worker, args), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"workers still running after {SPAWN_TIMEOUT} s")
+
+
+# -- a model without BatchNorm, in float64, and its data ---------------------------------
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(24, 4),
+    ).double()  # fmt: skip
+
+
+def batches() -> tuple[torch.Tensor, torch.Tensor]:
+    """STEPS global batches: x (STEPS, WORLD * B, 3, 6, 6), y (STEPS, WORLD * B)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, WORLD * B, 3, 6, 6, dtype=torch.float64, generator=g)
+    return x, torch.randint(0, 4, (STEPS, WORLD * B), generator=g)
+
+
+def shard(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t[rank * B : (rank + 1) * B]
+
+
+def step_config(**overrides) -> RunConfig:
+    values = dict(optimizer="sam", rho=0.05, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def perturbations(optimizer: SAM) -> list[torch.Tensor]:
+    """The last ``first_step``'s e, which ``track_stats`` keeps for the cosine."""
+    return [optimizer.state[p]["previous_e"].clone() for p in optimizer.param_groups[0]["params"]]
+
+
+def _sam_worker(rank: int, out: Path, overrides: dict) -> None:
+    config = step_config(**overrides)
+    model, ddp = wrap_model(small_model(), Distributed(rank, WORLD), torch.device("cpu"))
+    optimizer = build_optimizer(model, config)
+    step = TrainStep(ddp, optimizer, config, torch.device("cpu"), ddp=ddp)
+    x, y = batches()
+    first_e, grad_norms = None, []
+    for s in range(STEPS):
+        stats = step(shard(x[s], rank), shard(y[s], rank))
+        grad_norms.append(stats.grad_norm)
+        if first_e is None:
+            first_e = perturbations(optimizer)
+    result = {"model": model.state_dict(), "e": first_e, "grad_norm": grad_norms}
+    if overrides.get("perturbation_sync") != "local":
+        torch.save(result, out / f"rank{rank}.pt")
+        return
+    # The documented library recipe for DDP + SAM (local perturbation), from the same start.
+    model_b, ddp_b = wrap_model(small_model(), Distributed(rank, WORLD), torch.device("cpu"))
+    opt = SAM(model_b.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9,
+              weight_decay=5e-4)  # fmt: skip
+    for s in range(STEPS):
+        xs, ys = shard(x[s], rank), shard(y[s], rank)
+        with ddp_b.no_sync():  # local perturbation: no all-reduce in the first pass
+            F.cross_entropy(ddp_b(xs), ys).backward()
+        opt.first_step(zero_grad=True)
+        with frozen_batchnorm_stats(ddp_b):
+            F.cross_entropy(ddp_b(xs), ys).backward()  # all-reduced by DDP
+        opt.second_step(zero_grad=True)
+    result["recipe"] = model_b.state_dict()
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+def _spawn_sam(tmp_path: Path, **overrides) -> list[dict]:
+    spawn(_sam_worker, tmp_path, overrides)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def assert_same_weights(a: dict, b: dict, exact: bool = False) -> None:
+    for key in a:
+        if exact:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+# -- DDP + SAM -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer, accumulate", [("sam", 1), ("sam-aace", 2)])
+def test_global_sync_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, optimizer, accumulate):
+    results = _spawn_sam(
+        tmp_path, optimizer=optimizer, perturbation_sync="global", accumulate=accumulate
+    )
+    reference = small_model()
+    config = step_config(optimizer=optimizer)
+    step = TrainStep(reference, build_optimizer(reference, config), config, torch.device("cpu"))
+    x, y = batches()
+    for s in range(STEPS):
+        step(x[s], y[s])
+    assert_same_weights(results[0]["model"], results[1]["model"], exact=True)
+    assert_same_weights(results[0]["model"], reference.state_dict())
+    for e0, e1 in zip(results[0]["e"], results[1]["e"]):
+        assert torch.equal(e0, e1)  # one perturbation, from the global gradient
+
+
+def test_local_sync_perturbs_per_rank_and_keeps_one_model(tmp_path):
+    results = _spawn_sam(tmp_path, perturbation_sync="local")
+    assert_same_weights(results[0]["model"], results[1]["model"], exact=True)
+    assert_same_weights(results[0]["recipe"], results[0]["model"])
+    assert results[0]["grad_norm"][0] != results[1]["grad_norm"][0]
+
+    # m-sharpness by hand: e_r = rho g_r / ||g_r|| from rank r's shard; the update uses the
+    # mean over ranks of the gradients at w + e_r.
+    model = small_model()
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, y = batches()
+    for s in range(STEPS):
+        updates = []
+        for rank in range(WORLD):
+            xs, ys = shard(x[s], rank), shard(y[s], rank)
+            g = torch.autograd.grad(F.cross_entropy(model(xs), ys), params)
+            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+            e = [0.05 * gi / (norm + 1e-12) for gi in g]
+            if s == 0:
+                for mine, theirs in zip(e, results[rank]["e"]):
+                    torch.testing.assert_close(theirs, mine, rtol=1e-10, atol=1e-14)
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, ei in zip(params, e):
+                    p.add_(ei)
+            updates.append(torch.autograd.grad(F.cross_entropy(model(xs), ys), params))
+            with torch.no_grad():
+                for p, w in zip(params, saved):
+                    p.copy_(w)
+        for p, *per_rank in zip(params, *updates):
+            p.grad = sum(per_rank) / WORLD
+        base.step()
+        base.zero_grad()
+    assert not torch.allclose(results[0]["e"][0], results[1]["e"][0])
+    assert_same_weights(results[0]["model"], model.state_dict())
+
+
+# -- gradient accumulation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sam-aace"])
+@pytest.mark.parametrize("batch, accumulate", [(8, 4), (10, 3)])
+def test_accumulation_equals_one_batch_of_k_times_the_size(optimizer, batch, accumulate):
+    x = torch.randn(
+        2, batch, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+    )
+    y = torch.arange(2 * batch).reshape(2, batch) % 4
+    finals = []
+    for k in (1, accumulate):
+        model = small_model()
+        config = step_config(optimizer=optimizer, accumulate=k, label_smoothing=0.1)
+        step = TrainStep(model, build_optimizer(model, config), config, torch.device("cpu"))
+        stats = [step(x[s], y[s]) for s in range(2)]
+        finals.append((model.state_dict(), stats[-1]))
+    (whole, whole_stats), (accumulated, accumulated_stats) = finals
+    assert_same_weights(accumulated, whole)
+    torch.testing.assert_close(accumulated_stats.train_loss, whole_stats.train_loss)
+    if optimizer != "sgd":
+        torch.testing.assert_close(accumulated_stats.grad_norm, whole_stats.grad_norm)
+
+
+def test_accumulate_must_divide_the_global_batch(capsys, tmp_path):
+    argv = ["train", "--batch-size", "10", "--accumulate", "3", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "--batch-size: got 10; expected a multiple of 3 = 1 process(es) x --accumulate 3" in (
+        capsys.readouterr().err
+    )
+    assert main(["train", "--accumulate", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "--accumulate: got 0; expected an integer >= 1" in capsys.readouterr().err
+    assert RunConfig(batch_size=128, accumulate=2).per_rank_batch_size(4) == 32
+    assert main(["train", "--perturbation-sync", "both", "--out", str(tmp_path / "r")]) == 2
+    assert "argument --perturbation-sync: invalid choice: 'both'" in capsys.readouterr().err
+
+
+def test_sync_bn_needs_cuda_under_ddp():
+    with pytest.raises(ConfigError, match="--sync-bn: SyncBatchNorm needs CUDA devices, got cpu"):
+        wrap_model(bn_model(), Distributed(rank=0, world_size=2), torch.device("cpu"), sync_bn=True)
+    model = bn_model()
+    assert wrap_model(model, Distributed(), torch.device("cpu"), sync_bn=True) == (model, None)
+
+
+# -- float16 with GradScaler ---------------------------------------------------------------
+
+
+def bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+
+
+def overflowing(loss_fn):
+    """A loss that stays finite but whose scaled value (x 65536) overflows float32."""
+    return lambda logits, y: loss_fn(logits, y) * 1e34
+
+
+@pytest.mark.parametrize("sam_pass", ["perturbation", "update"])
+def test_fp16_overflow_skips_the_whole_sam_step(sam_pass):
+    config = step_config(optimizer="sam-aace", rho=0.2, amp="fp16")
+    model = bn_model()
+    optimizer = build_optimizer(model, config)
+    step = TrainStep(model, optimizer, config, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(3, 8, 3, 6, 6, generator=g), torch.randint(0, 4, (3, 8), generator=g)
+
+    # A normal step is the library recipe of aace.amp, step for step.
+    recipe_model = bn_model()
+    recipe_opt = SAM(recipe_model.parameters(), torch.optim.SGD, rho=0.2, perturbation="aace",
+                     lr=0.1, momentum=0.9, weight_decay=5e-4)  # fmt: skip
+    scaler = torch.amp.GradScaler("cpu")
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = aace_loss(recipe_model(x[0]), y[0])
+    scaler.scale(loss).backward()
+    assert unscale_(scaler, recipe_opt, loss, sam_pass="perturbation").item() == 0
+    recipe_opt.first_step(zero_grad=True)
+    with frozen_batchnorm_stats(recipe_model), torch.autocast("cpu", dtype=torch.float16):
+        loss = F.cross_entropy(recipe_model(x[0]), y[0])
+    scaler.scale(loss).backward()
+    assert unscale_(scaler, recipe_opt, loss, sam_pass="update").item() == 0
+    recipe_opt.second_step(zero_grad=True)
+    scaler.update()
+    assert step(x[0], y[0]).skipped_pass is None
+    assert_same_weights(model.state_dict(), recipe_model.state_dict(), exact=True)
+    assert step.scaler.get_scale() == scaler.get_scale() == 65536.0
+
+    before = copy.deepcopy(model.state_dict())
+    momentum = copy.deepcopy(optimizer.state_dict())
+    if sam_pass == "perturbation":
+        step.perturbation_loss = overflowing(step.perturbation_loss)
+    else:
+        step.update_loss = overflowing(step.update_loss)
+    stats = step(x[1], y[1])
+    assert stats.skipped_pass == sam_pass
+    assert stats.first_pass_finite is None and stats.update_pass_finite is None  # not a stop
+    assert_same_weights(model.state_dict(), before, exact=True)  # BatchNorm statistics too
+    assert str(optimizer.state_dict()) == str(momentum)
+    assert all(p.grad is None for p in model.parameters())
+    assert step.scaler.get_scale() == 32768.0  # backed off once
+
+    vars(step).pop("perturbation_loss", None)  # back to the class's losses
+    vars(step).pop("update_loss", None)
+    assert step(x[2], y[2]).skipped_pass is None
+    assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])
+    assert step.scaler.get_scale() == 32768.0
+
+
+def _fp16_worker(rank: int, out: Path) -> None:
+    config = step_config(optimizer="sam", amp="fp16", perturbation_sync="local")
+    model, ddp = wrap_model(bn_model(), Distributed(rank, WORLD), torch.device("cpu"))
+    step = TrainStep(ddp, build_optimizer(model, config), config, torch.device("cpu"), ddp=ddp)
+    x, y = batches()
+    x = x.float()
+    initial = copy.deepcopy(model.state_dict())
+    if rank == 1:  # overflow in rank 1's own (local) perturbation pass only
+        step.perturbation_loss = overflowing(step.perturbation_loss)
+    skipped = step(shard(x[0], rank), shard(y[0], rank)).skipped_pass
+    after_skip = copy.deepcopy(model.state_dict())
+    scale_after_skip = step.scaler.get_scale()
+    vars(step).pop("perturbation_loss", None)
+    taken = step(shard(x[1], rank), shard(y[1], rank)).skipped_pass
+    torch.save(
+        {"initial": initial, "after_skip": after_skip, "final": dict(model.named_parameters()),
+         "skipped": skipped, "taken": taken, "scale": scale_after_skip},
+        out / f"rank{rank}.pt",
+    )  # fmt: skip
+
+
+def test_fp16_overflow_on_one_rank_is_skipped_by_all(tmp_path):
+    spawn(_fp16_worker, tmp_path)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for result in results:
+        assert result["skipped"] == "perturbation" and result["taken"] is None
+        assert result["scale"] == 32768.0
+        assert_same_weights(result["after_skip"], result["initial"], exact=True)
+    # One model after the step taken (BatchNorm running statistics are per rank between two
+    # synchronized forward passes, as in any DDP run; parameters are compared).
+    assert_same_weights(results[0]["final"], results[1]["final"], exact=True)
+    assert not torch.equal(results[0]["final"]["0.weight"], results[0]["initial"]["0.weight"])
+
+
+# -- aace train under DDP ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def npz_path(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    y_train, y_test = rng.integers(0, 4, 48), rng.integers(0, 4, 15)
+
+    def images(y):
+        return (y[:, None, None, None] * 60 + rng.integers(0, 40, (len(y), 8, 8, 3))).astype(
+            np.uint8
+        )
+
+    np.savez(path, x_train=images(y_train), y_train=y_train, x_test=images(y_test), y_test=y_test)
+    return path
+
+
+def tiny_config(npz_path, out, **overrides) -> RunConfig:
+    values = dict(
+        dataset=f"npz:{npz_path}", model="wrn10_1", epochs=3, batch_size=16, lr=0.05,
+        out=str(out), seed=1, device="cpu",
+    )  # fmt: skip
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class _Killed(Exception):
+    pass
+
+
+def _resume_worker(rank: int, npz_path: Path, tmp: Path) -> None:
+    overrides = dict(dropout=0.3, aace_mode="rand")  # random streams that must be restored
+    Trainer(tiny_config(npz_path, tmp / "reference", **overrides), log=lambda _: None).fit()
+    real = Trainer._train_epoch
+
+    def dies_in_epoch_3(self, epoch, *args, **kwargs):
+        if epoch == 2:
+            raise _Killed
+        return real(self, epoch, *args, **kwargs)
+
+    Trainer._train_epoch = dies_in_epoch_3
+    try:
+        Trainer(tiny_config(npz_path, tmp / "run", **overrides), log=lambda _: None).fit()
+    except _Killed:
+        pass
+    finally:
+        Trainer._train_epoch = real
+    messages = []
+    Trainer(tiny_config(npz_path, tmp / "run", **overrides), log=messages.append).fit(resume=True)
+    (tmp / f"log{rank}.json").write_text(json.dumps(messages))
+
+
+def test_interrupted_ddp_run_resumes_to_the_uninterrupted_result(npz_path, tmp_path):
+    spawn(_resume_worker, npz_path, tmp_path)
+    assert any("resumed" in m and "after epoch 2" in m for m in json.loads(
+        (tmp_path / "log0.json").read_text()))  # fmt: skip
+    assert json.loads((tmp_path / "log1.json").read_text()) == []  # rank 1 logs nothing
+    rows, reference = read_rows(tmp_path / "run"), read_rows(tmp_path / "reference")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert without_timing(rows) == without_timing(reference)
+    final = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    expected = load_checkpoint(tmp_path / "reference" / "checkpoint.pt")
+    assert final["world_size"] == 2 and len(final["rng"]["ranks"]) == 2
+    assert_same_weights(final["model"], expected["model"], exact=True)
+
+
+def _nonfinite_worker(rank: int, npz_path: Path, tmp: Path) -> None:
+    from aace.data import BatchLoader
+    from aace.training.step import NonFiniteError
+
+    real_iter = BatchLoader.__iter__
+
+    def poisoned(self):  # NaN images in rank 1's 2nd step of epoch 1 only
+        for i, (x, y) in enumerate(real_iter(self), start=1):
+            if self.train and self.rank == 1 and (self.epoch, i) == (0, 2):
+                x = torch.full_like(x, float("nan"))
+            yield x, y
+
+    BatchLoader.__iter__ = poisoned
+    result = {}
+    try:
+        Trainer(tiny_config(npz_path, tmp / "stop", epochs=1), log=lambda _: None).fit()
+    except NonFiniteError as error:
+        result["stop"] = str(error)
+    config = tiny_config(npz_path, tmp / "skip", epochs=1, nonfinite="skip")
+    Trainer(config, log=lambda _: None).fit()
+    (tmp / f"nonfinite{rank}.json").write_text(json.dumps(result))
+
+
+def test_nonfinite_steps_are_agreed_on_by_all_ranks(npz_path, tmp_path):
+    spawn(_nonfinite_worker, npz_path, tmp_path)
+    expected = "non-finite perturbation-pass loss or gradient at step 2 of epoch 1; stopped"
+    for rank in range(WORLD):  # rank 0's data was fine: it stops all the same
+        assert expected in json.loads((tmp_path / f"nonfinite{rank}.json").read_text())["stop"]
+    (row,) = read_rows(tmp_path / "skip")
+    assert row["skipped_steps"] == 1 and math.isfinite(row["train_loss"])
+    model = load_checkpoint(tmp_path / "skip" / "checkpoint.pt")["model"]
+    assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+
+
+def test_torchrun_two_processes_end_to_end(npz_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        "-m", "aace", "train", "--dataset", f"npz:{npz_path}", "--model", "wrn10_1",
+        "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--seed", "1", "--out", str(out),
+        "--perturbation-sync", "global",
+    ]  # fmt: skip
+    first = subprocess.run(command, capture_output=True, text=True, timeout=SPAWN_TIMEOUT)
+    assert first.returncode == 0, first.stderr
+    assert "Traceback" not in first.stderr
+    # Rank 0 alone logs and writes.
+    assert first.stdout.count("final test accuracy") == 1
+    assert first.stdout.count("epoch   1 ") == 1 and "2 processes" in first.stdout
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"]
+    rows = read_rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint["epoch"] == 2 and "module." not in next(iter(checkpoint["model"]))
+    # The test metrics are over all 15 test images (8 on rank 0, 7 on rank 1), with rank 0's
+    # BatchNorm statistics: one process evaluating the checkpoint finds the same.
+    assert main(["eval", str(out / "checkpoint.pt")]) == 0
+    line = capsys.readouterr().out
+    assert "15 images" in line
+    assert f"accuracy {rows[-1]['test_acc']:.4f}, loss {rows[-1]['test_loss']:.4f}" in line
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True,
+                             timeout=SPAWN_TIMEOUT)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.count("resumed from") == 1 and "after epoch 2" in resumed.stdout
+    assert without_timing(read_rows(out)) == without_timing(rows)
+
+    changed = subprocess.run([*command, "--resume", "--perturbation-sync", "local"],
+                             capture_output=True, text=True, timeout=SPAWN_TIMEOUT)  # fmt: skip
+    assert changed.returncode != 0
+    assert "perturbation_sync: 'global' there, 'local' now" in changed.stderr
+    assert "/aace/" not in changed.stderr  # a one-line error (torchrun adds its own report)
+
+
+def test_fp16_checkpoint_holds_the_scaler_state(npz_path, tmp_path):
+    out = tmp_path / "run"
+    Trainer(tiny_config(npz_path, out, epochs=1, amp="fp16"), log=lambda _: None).fit()
+    scaler = load_checkpoint(out / "checkpoint.pt")["scaler"]
+    assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 3  # 3 steps, none skipped
