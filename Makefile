@@ -20,14 +20,14 @@ demo: $(STAMP)
 	  $(BIN)/aace train --preset digits-demo --optimizer $$optimizer --seed $$seed \
 	    --out $(DEMO)/$$optimizer-s$$seed --resume || exit 1; \
 	done; done
-	$(BIN)/aace compare $(DEMO)/*-s*
-	$(BIN)/aace plot $(DEMO)/*-s* --out $(DEMO)/curves.png
+	$(BIN)/aace compare $(DEMO)/sgd-s* $(DEMO)/sam-s* $(DEMO)/sam-aace-s*
+	$(BIN)/aace plot $(DEMO)/sgd-s* $(DEMO)/sam-s* $(DEMO)/sam-aace-s* --out $(DEMO)/curves.png
 
 # Every table and plot of the README's Performance and Results sections (about 1.5 h on 2 CPU
 # cores). CIFAR5K is the real CIFAR-10 subset the team provides; pass another path if needed.
 CIFAR5K ?= ../shared/data/cifar10_5k.npz
 bench: $(STAMP)
-	$(BIN)/python benchmarks/step_time.py --model wrn16_4 --model pyramidnet110_48_basic --batch-size 128 --repeats 10
+	$(BIN)/python benchmarks/step_time.py --model wrn16_4 --model pyramidnet110_48_basic --batch-size 128 --repeats 5 --warmup 1
 	$(BIN)/python benchmarks/loss_cost.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/pipeline.py --dataset npz:$(CIFAR5K)

@@ -96,6 +96,7 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(dataset, tmp
     assert result.returncode == 0, result.stderr
 
     assert rows_without_timing(out) == rows_without_timing(reference)
+    assert not list(out.glob(".*.tmp")), "a temporary file of an interrupted write was left"
     final = load_checkpoint(out / "checkpoint.pt")
     expected = load_checkpoint(reference / "checkpoint.pt")
     for key, tensor in expected["model"].items():

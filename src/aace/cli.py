@@ -159,9 +159,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from aace.data import BatchLoader, load_dataset
+    from aace.data import load_dataset
     from aace.training.checkpoint import CheckpointError, load_checkpoint
-    from aace.training.trainer import EVAL_BATCH_SIZE, build_model, evaluate, resolve_device
+    from aace.training.trainer import build_model, build_test_loader, evaluate, resolve_device
 
     checkpoint = load_checkpoint(args.checkpoint)
     try:
@@ -186,16 +186,7 @@ def _eval(args: argparse.Namespace) -> int:
             f"({str(error).splitlines()[0]})"
         ) from error
     model.to(device)
-    loader = BatchLoader(
-        dataset.x_test,
-        dataset.y_test,
-        batch_size=EVAL_BATCH_SIZE,
-        mean=dataset.mean,
-        std=dataset.std,
-        train=False,
-        device=device,
-    )
-    loss_sum, correct, count = evaluate(model, loader, config.amp)
+    loss_sum, correct, count = evaluate(model, build_test_loader(dataset, device), config.amp)
     n = int(count)
     print(
         f"{config.dataset} test set, {n} images, epoch {checkpoint['epoch']}: "

@@ -89,6 +89,23 @@ def build_model(config: RunConfig, dataset: InMemoryDataset) -> nn.Module:
     )
 
 
+def build_test_loader(
+    dataset: InMemoryDataset, device: torch.device, rank: int = 0, world_size: int = 1
+) -> BatchLoader:
+    """The test set in order, unaugmented, this rank's shard."""
+    return BatchLoader(
+        dataset.x_test,
+        dataset.y_test,
+        batch_size=EVAL_BATCH_SIZE,
+        mean=dataset.mean,
+        std=dataset.std,
+        train=False,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+    )
+
+
 def lr_milestones(config: RunConfig) -> list[int]:
     """The paper code's step schedule: x0.2 at 30 %, 60 % and 80 % of training."""
     return [max(1, round(config.epochs * f)) for f in (0.3, 0.6, 0.8)]
@@ -250,6 +267,8 @@ class Trainer:
             raise ConfigError(
                 f"--out: cannot write to '{out}' ({error.strerror or error})"
             ) from error
+        for leftover in out.glob(".*.tmp"):  # from a write that a kill interrupted
+            leftover.unlink(missing_ok=True)
         has_run = (out / CONFIG).exists() or (out / CHECKPOINT).exists()
         if not resume:
             if has_run:
@@ -353,17 +372,7 @@ class Trainer:
             world_size=context.world_size,
             device=device,
         )
-        test_loader = BatchLoader(
-            dataset.x_test,
-            dataset.y_test,
-            batch_size=EVAL_BATCH_SIZE,
-            mean=dataset.mean,
-            std=dataset.std,
-            train=False,
-            rank=context.rank,
-            world_size=context.world_size,
-            device=device,
-        )
+        test_loader = build_test_loader(dataset, device, context.rank, context.world_size)
         step_model = ddp if ddp is not None else model
         if config.compile:
             step_model = torch.compile(step_model)
