@@ -111,6 +111,7 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("foreign checkpoint", ["eval", str(tmp / "foreign.pt")]),
         ("checkpoint of another class count", ["eval", str(tmp / "run2" / "checkpoint.pt")]),
         ("compare on a non-run directory", ["compare", str(tmp)]),
+        ("a diverging run (NaN loss)", ["train", *fast, "--lr", "1e30", "--out", str(tmp / "nan")]),
     ]
 
 
