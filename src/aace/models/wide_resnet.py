@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aace.models._init import init_weights
+
 __all__ = ["WideResNet", "WideBasicBlock"]
 
 
@@ -91,7 +93,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(widths[3], num_classes)
         self.num_features = widths[3]
-        self._init_weights()
+        init_weights(self)
 
     @staticmethod
     def _make_group(
@@ -100,16 +102,6 @@ class WideResNet(nn.Module):
         layers = [WideBasicBlock(in_planes, out_planes, stride, dropout)]
         layers += [WideBasicBlock(out_planes, out_planes, 1, dropout) for _ in range(n - 1)]
         return nn.Sequential(*layers)
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (N, C_in, H, W)
