@@ -45,6 +45,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model (repeatable; default wrn16_4) and --batch-size (default 128)."""
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="model name for aace.models.create_model; repeat for several (default: wrn16_4)",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+
+
 def add_common_arguments(
     parser: argparse.ArgumentParser, *, repeats: int | None = 20, warmup: int | None = 3
 ) -> None:

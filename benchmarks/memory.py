@@ -133,13 +133,7 @@ def cpu_timeline_peak(step: Callable[[], None]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model",
-        action="append",
-        default=None,
-        help="model name for aace.models.create_model; repeat for several (default: wrn16_4)",
-    )
-    parser.add_argument("--batch-size", type=_common.positive_int, default=128)
+    _common.add_model_arguments(parser)
     parser.add_argument(
         "--cpu-peak",
         action=argparse.BooleanOptionalAction,
