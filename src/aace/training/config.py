@@ -165,7 +165,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     **{f"pyramidnet272-{d}": _paper("pyramidnet272_200", d, batch_size=64) for d in _DATASETS},
     # What fits a laptop CPU: the package's own demo.
     "digits-demo": dict(
-        dataset="digits", model="wrn16_1", epochs=10, batch_size=64, lr=0.05, schedule="cosine"
+        dataset="digits", model="wrn16_1", epochs=8, batch_size=64, lr=0.05, schedule="cosine"
     ),
 }
 
