@@ -31,8 +31,9 @@ from aace.cli import main
 from aace.training.checkpoint import load_checkpoint
 from aace.training.config import ConfigError, RunConfig
 from aace.training.distributed import Distributed, wrap_model
+from aace.training.metrics import TIMING_FIELDS
 from aace.training.step import TrainStep, build_optimizer
-from aace.training.trainer import TIMING_FIELDS, Trainer
+from aace.training.trainer import Trainer
 
 WORLD = 2
 B = 4  # per-rank batch

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from aace.training.checkpoint import load_checkpoint
-from aace.training.trainer import TIMING_FIELDS
+from aace.training.metrics import TIMING_FIELDS
 
 # Kill points: while starting up (0), then shortly after the metrics file reached epoch k:
 # mid-epoch, during evaluation, or while the checkpoint is being written.

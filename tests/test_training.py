@@ -13,8 +13,9 @@ from aace import SAM, aace_loss, frozen_batchnorm_stats
 from aace.training import trainer as trainer_module
 from aace.training.checkpoint import load_checkpoint
 from aace.training.config import ConfigError, RunConfig
+from aace.training.metrics import TIMING_FIELDS
 from aace.training.step import NonFiniteError, TrainStep, build_optimizer
-from aace.training.trainer import TIMING_FIELDS, Trainer
+from aace.training.trainer import Trainer
 
 ROW_FIELDS = {
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "ce_loss", "aace_loss",

@@ -1,0 +1,175 @@
+"""What an epoch reports: step statistics summed on the device, reduced across ranks once per
+epoch into a ``metrics.jsonl`` row; the run's summary; the progress bar."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+import torch
+
+from aace.training.config import RunConfig
+from aace.training.distributed import Distributed
+from aace.training.step import NonFiniteError, StepStats
+
+__all__ = ["TIMING_FIELDS", "EpochSums", "Progress", "json_safe", "summarize"]
+
+# Columns that differ between two runs with the same result.
+TIMING_FIELDS = ("seconds", "images_per_second")
+
+PASSES = ("perturbation", "update")
+
+
+class EpochSums:
+    """Running sums of the step statistics, kept on the device until the epoch ends, then
+    reduced across ranks and read to the host at once (:meth:`row`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        zero = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
+        self.device = device
+        self.sums = {name: zero() for name in ("train_loss", "ce_loss", "aace_loss", "correct")}
+        self.sam = {name: zero() for name in ("grad_norm", "perturbation_norm")}
+        self.cosine_sum, self.cosine_count = zero(), zero()
+        # First step (in this epoch) with a non-finite value, as 2 * step + pass (index into
+        # PASSES), so that the minimum over ranks names the earliest; -1: none.
+        self.first_bad = zero() - 1
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        self.steps = 0
+        self.samples = 0
+        self.skipped = 0
+
+    def add(self, stats: StepStats, batch_size: int) -> None:
+        self.steps += 1
+        if stats.first_pass_finite is not None or stats.update_pass_finite is not None:
+            finite_first, finite_update = stats.first_pass_finite, stats.update_pass_finite
+            finite_first = self.finite if finite_first is None else finite_first
+            finite_update = self.finite if finite_update is None else finite_update
+            bad = ~(finite_first & finite_update)
+            key = 2 * self.steps + torch.where(finite_first, 1.0, 0.0)
+            self.first_bad = torch.where(bad & (self.first_bad < 0), key, self.first_bad)
+        if stats.skipped_pass is not None:
+            self.skipped += 1
+            return
+        self.samples += batch_size
+        for name in ("train_loss", "ce_loss", "aace_loss"):
+            self.sums[name] += getattr(stats, name).double() * batch_size
+        self.sums["correct"] += stats.correct
+        if stats.grad_norm is not None:
+            self.sam["grad_norm"] += stats.grad_norm.double()
+            self.sam["perturbation_norm"] += stats.perturbation_norm.double()
+            cosine = stats.perturbation_cosine.double()
+            defined = ~torch.isnan(cosine)
+            self.cosine_sum += torch.where(defined, cosine, torch.zeros_like(cosine))
+            self.cosine_count += defined.double()
+
+    def row(
+        self,
+        is_sam: bool,
+        test: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        context: Distributed,
+    ) -> tuple[dict[str, float | None], int]:
+        """The epoch's training and test metrics over all ranks, and the number of training
+        samples of all ranks: one collective and one host transfer per epoch. Raises
+        :class:`NonFiniteError` on every rank if any rank saw a non-finite value (its message has
+        an ``{epoch}`` field for the caller)."""
+        names = [*self.sums, *self.sam, "cosine_sum", "cosine_count"]
+        names += ["test_loss", "test_correct", "test_count", "samples", "skipped"]
+        local = [*self.sums.values(), *self.sam.values(), self.cosine_sum, self.cosine_count]
+        local += [t.to(self.device, torch.float64) for t in test]
+        local += [torch.tensor(float(n), device=self.device) for n in (self.samples, self.skipped)]
+        table = context.gather(torch.stack([*local, self.first_bad]))  # (ranks, len(names) + 1)
+        bad = table[:, -1]
+        first_bad = torch.where(bad >= 0, bad, torch.inf).min()
+        *values, first_bad_value = torch.cat([table[:, :-1].sum(0), first_bad[None]]).tolist()
+        v = dict(zip(names, values))
+        if math.isfinite(first_bad_value):
+            step, pass_index = divmod(int(first_bad_value), 2)
+            raise NonFiniteError(
+                f"non-finite {PASSES[pass_index]}-pass loss or gradient "
+                f"at step {step} of epoch {{epoch}}"
+            )
+        ranks = context.world_size
+        skipped = round(v["skipped"] / ranks)  # the ranks agree on which steps they skip
+        n, done = max(v["samples"], 1), max(ranks * (self.steps - skipped), 1)
+        test_count = max(v["test_count"], 1)
+        row: dict[str, float | None] = {
+            "train_loss": v["train_loss"] / n,
+            "train_acc": v["correct"] / n,
+            "ce_loss": v["ce_loss"] / n,
+            "aace_loss": v["aace_loss"] / n,
+            "grad_norm": None,
+            "perturbation_norm": None,
+            "perturbation_cosine": None,
+            "skipped_steps": skipped,
+            "test_loss": v["test_loss"] / test_count,
+            "test_acc": v["test_correct"] / test_count,
+        }
+        if is_sam:
+            # Means over the steps taken and, under DDP, over the ranks' own perturbations.
+            row["grad_norm"] = v["grad_norm"] / done
+            row["perturbation_norm"] = v["perturbation_norm"] / done
+            if v["cosine_count"] > 0:
+                row["perturbation_cosine"] = v["cosine_sum"] / v["cosine_count"]
+        return row, int(v["samples"])
+
+
+def json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN/inf: store them as null (and say so in the docs)."""
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
+    }
+
+
+def summarize(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
+    best = max(rows, key=lambda r: r["test_acc"]) if rows else None
+    return {
+        "optimizer": config.optimizer,
+        "rho": config.resolved_rho if config.optimizer != "sgd" else None,
+        "dataset": config.dataset,
+        "model": config.model,
+        "seed": config.seed,
+        "epochs": len(rows),
+        "final_test_acc": rows[-1]["test_acc"] if rows else None,
+        "best_test_acc": best["test_acc"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "final_test_loss": rows[-1]["test_loss"] if rows else None,
+        "seconds": sum(r["seconds"] for r in rows),
+    }
+
+
+class Progress:
+    """A tqdm bar with loss, accuracy and images/s when stderr is a terminal; else nothing.
+
+    The bar reads the loss from the device at most about twice a second, so the training loop
+    stays free of per-step host syncs.
+    """
+
+    def __init__(self, total: int, epoch: int, epochs: int, enabled: bool = True) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", leave=False)
+        self.last = time.perf_counter()
+        self.start = self.last
+        self.samples = 0
+
+    def update(self, stats: StepStats, batch_size: int) -> None:
+        self.samples += batch_size
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        now = time.perf_counter()
+        if now - self.last > 0.5:
+            self.last = now
+            self.bar.set_postfix(
+                loss=f"{float(stats.train_loss):.3f}",
+                acc=f"{float(stats.correct) / batch_size:.3f}",
+                img_s=f"{self.samples / (now - self.start):.0f}",
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
