@@ -58,6 +58,7 @@ SUMMARY = "summary.json"
 # may --accumulate, which splits the same batch differently (BatchNorm sees smaller batches).
 RESUMABLE_CHANGES = (
     "out", "device", "data_dir", "download", "compile", "nonfinite", "accumulate",
+    "checkpoint_every",
 )  # fmt: skip
 EVAL_BATCH_SIZE = 1024
 
