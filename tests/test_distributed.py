@@ -402,10 +402,10 @@ def _resume_worker(rank: int, npz_path: Path, tmp: Path) -> None:
     Trainer(tiny_config(npz_path, tmp / "reference", **overrides), log=lambda _: None).fit()
     real = Trainer._train_epoch
 
-    def dies_in_epoch_3(self, epoch, *args, **kwargs):
+    def dies_in_epoch_3(self, run, epoch, *args, **kwargs):
         if epoch == 2:
             raise _Killed
-        return real(self, epoch, *args, **kwargs)
+        return real(self, run, epoch, *args, **kwargs)
 
     Trainer._train_epoch = dies_in_epoch_3
     try:
