@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from aace.integrations import MissingExtraError
 from aace.training.config import (
     AMP_MODES,
+    BASE_OPTIMIZERS,
     DEVICES,
     OPTIMIZERS,
     PERTURBATION_SYNCS,
@@ -48,7 +50,17 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", help="where datasets are read from / downloaded to (default: data)")
     add("--download", action=argparse.BooleanOptionalAction, help="download missing datasets")
     add("--image-size", type=int, help="Food101 resize target in pixels (default 32)")
-    add("--model", help="wrn{depth}_{width} or pyramidnet{depth}_{alpha}[_basic] (default wrn16_1)")
+    add(
+        "--model",
+        help="wrn{depth}_{width}, pyramidnet{depth}_{alpha}[_basic] (default wrn16_1), or "
+        "timm:NAME for any timm architecture (pip install 'aace[timm]')",
+    )
+    add(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        help="timm:NAME only: start from the pretrained weights in the local cache (never "
+        "downloaded; default off)",
+    )
     add("--dropout", type=float, help="WideResNet dropout probability")
     add("--shakedrop", type=float, help="PyramidNet ShakeDrop probability of the last block")
     add("--optimizer", choices=OPTIMIZERS, help="default sam-aace")
@@ -59,7 +71,20 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr", type=float, help="base learning rate (default 0.1)")
     add("--momentum", type=float, help="SGD momentum (default 0.9)")
     add("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
-    add("--weight-decay", type=float, help="default 5e-4")
+    add("--weight-decay", type=float, help="default 5e-4 (AdamW's is decoupled: try 0.05)")
+    add(
+        "--base-optimizer",
+        choices=BASE_OPTIMIZERS,
+        help="the optimizer that makes the update, alone (--optimizer sgd) or inside SAM: sgd "
+        "(default; --momentum, --nesterov) or adamw (--betas)",
+    )
+    add(
+        "--betas",
+        type=float,
+        nargs=2,
+        metavar=("BETA1", "BETA2"),
+        help="AdamW's betas (default 0.9 0.999)",
+    )
     add(
         "--batch-size",
         type=int,
@@ -99,6 +124,16 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("stop", "skip"),
         help="on a NaN/inf loss or gradient: stop the run (default, last good checkpoint kept) "
         "or skip the step (counted as skipped_steps in the metrics; costs a host sync per pass)",
+    )
+    add(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="also write TensorBoard events to OUT/tensorboard (pip install 'aace[tensorboard]')",
+    )
+    add(
+        "--log-every",
+        type=int,
+        help="with --tensorboard: log the training loss every N steps (default 50)",
     )
     add("--out", help="run directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -177,6 +212,7 @@ def _eval(args: argparse.Namespace) -> int:
             f"checkpoint '{args.checkpoint}' has {checkpoint['num_classes']} classes but "
             f"{dataset.name} has {dataset.num_classes}"
         )
+    config.pretrained = False  # the checkpoint holds the weights
     model = build_model(config, dataset)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -232,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"aace: error: {_rank_prefix()}{error}", file=sys.stderr)
         return EXIT_NONFINITE
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, MissingExtraError) as error:
         # ConfigError, DatasetError, CheckpointError, ReportError are ValueErrors.
         if args.debug:
             traceback.print_exc()

@@ -85,6 +85,8 @@ def build_model(config: RunConfig, dataset: InMemoryDataset) -> nn.Module:
         in_channels=dataset.in_channels,
         dropout=config.dropout,
         shakedrop=config.shakedrop,
+        image_size=dataset.image_size,
+        pretrained=config.pretrained,
     )
 
 
