@@ -171,6 +171,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if given is not None and field.name != "preset":
             values[field.name] = given
     config = RunConfig(**values)
+    if getattr(args, "momentum", None) is not None and config.base_optimizer != "sgd":
+        raise ConfigError(
+            f"--momentum: got {args.momentum}; it is SGD's, not {config.base_optimizer}'s "
+            "(use --betas for AdamW's moment decay)"
+        )
     if args.out is None:
         config.out = str(
             Path("runs") / f"{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
