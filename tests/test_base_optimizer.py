@@ -193,8 +193,10 @@ def test_resume_keeps_adams_moments(npz_path, tmp_path, monkeypatch):
             "--nesterov: got True; expected False unless --base-optimizer sgd",
         ),  # fmt: skip
         (["--betas", "0.9"], "argument --betas: expected 2 arguments"),
-        (["--base-optimizer", "adamw", "--momentum", "0.8"], "--momentum: got 0.8; it is SGD's, "
-         "not adamw's"),  # fmt: skip
+        (
+            ["--base-optimizer", "adamw", "--momentum", "0.8"],
+            "--momentum: got 0.8; it is SGD's, not adamw's",
+        ),  # fmt: skip
     ],
 )
 def test_bad_base_optimizer_flags(argv, message, tmp_path, capsys):

@@ -141,7 +141,7 @@ def test_torchrun_ddp_train_and_eval(npz32, tmp_path, capsys):
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
         "-m", "aace", "train", "--dataset", f"npz:{npz32}", "--model", "timm:test_vit",
         "--batch-size", "8", "--lr", "1e-3", "--base-optimizer", "adamw", "--weight-decay",
-        "0.05", "--epochs", "1", "--out", str(out),
+        "0.05", "--epochs", "1", "--out", str(out), "--tensorboard", "--log-every", "1",
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
@@ -154,6 +154,14 @@ def test_torchrun_ddp_train_and_eval(npz32, tmp_path, capsys):
     assert "module." not in next(iter(checkpoint["model"]))
     assert checkpoint["optimizer"]["state"][0]["exp_avg"].abs().sum() > 0
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    # Rank 0 alone writes TensorBoard events: one file per writer, 24 / 8 = 3 steps.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for run, tag, steps in (("epochs", "test_acc", [1]), ("steps", "step/train_loss", [1, 2, 3])):
+        assert len(list((out / "tensorboard" / run).iterdir())) == 1
+        events = EventAccumulator(str(out / "tensorboard" / run))
+        events.Reload()
+        assert [e.step for e in events.Scalars(tag)] == steps
     assert main(["eval", str(out / "checkpoint.pt")]) == 0
     line = capsys.readouterr().out
     assert f"9 images, epoch 1: accuracy {row['test_acc']:.4f}, loss {row['test_loss']:.4f}" in line

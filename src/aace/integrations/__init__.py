@@ -22,12 +22,16 @@ class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message names the extra that brings it."""
 
 
-def require(module: str, extra: str, feature: str) -> ModuleType:
-    """Import ``module``, or raise :class:`MissingExtraError` naming the extra to install."""
+def require(module: str, extra: str, feature: str, package: str | None = None) -> ModuleType:
+    """Import ``module``, or raise :class:`MissingExtraError` naming the extra to install.
+
+    ``package`` is the missing distribution's name when it differs from the module's top level
+    (``torch.utils.tensorboard`` needs ``tensorboard``)."""
     try:
         return importlib.import_module(module)
     except ImportError as error:
+        package = package or module.split(".")[0]
         raise MissingExtraError(
-            f"{feature} needs the package '{module.split('.')[0]}', which is not installed; "
+            f"{feature} needs the package '{package}', which is not installed; "
             f"install it with: pip install 'aace[{extra}]'"
         ) from error

@@ -31,6 +31,7 @@ from torch import nn
 import aace
 from aace.data import BatchLoader, InMemoryDataset, load_dataset
 from aace.data.loader import _derive_seed
+from aace.integrations.tensorboard import TensorBoardLog
 from aace.models import create_model
 from aace.training import distributed
 from aace.training.checkpoint import (
@@ -54,6 +55,7 @@ SUMMARY = "summary.json"
 # may --accumulate, which splits the same batch differently (BatchNorm sees smaller batches).
 RESUMABLE_CHANGES = (
     "out", "device", "data_dir", "download", "compile", "nonfinite", "accumulate",
+    "tensorboard", "log_every",
 )  # fmt: skip
 EVAL_BATCH_SIZE = 1024
 
@@ -148,6 +150,7 @@ class Trainer:
         self.log = log
         self.out = Path(config.out)
         self.is_main = True  # False on ranks > 0 once fit() knows
+        self.tensorboard: TensorBoardLog | None = None  # rank 0 with --tensorboard
 
     # -- run directory -----------------------------------------------------------------------
 
@@ -228,6 +231,8 @@ class Trainer:
         try:
             return self._fit(context, device, resume)
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             context.close()
 
     def _fit(self, context: Distributed, device: torch.device, resume: bool) -> dict[str, Any]:
@@ -283,6 +288,9 @@ class Trainer:
                 checkpoint, model, optimizer, scheduler, step.scaler, device, context
             )
             log(f"resumed from '{self.out / CHECKPOINT}' after epoch {start_epoch}")
+        if config.tensorboard and context.is_main:
+            steps_done = start_epoch * len(train_loader)
+            self.tensorboard = TensorBoardLog(self.out, config.log_every, start_epoch, steps_done)
         if context.is_main:
             atomic_write_json(
                 self.out / CONFIG,
@@ -312,6 +320,8 @@ class Trainer:
                 f.write(json.dumps(json_safe(row)) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            if self.tensorboard is not None:
+                self.tensorboard.log_epoch(json_safe(row))
             payload = {
                 "config": config.to_dict(),
                 "epoch": epoch + 1,
@@ -356,6 +366,8 @@ class Trainer:
         model.train()
         for x, y in train_loader:
             stats = step(x, y)
+            if self.tensorboard is not None:
+                self.tensorboard.log_step(stats.train_loss)
             sums.add(stats, y.shape[0])
             progress.update(stats, y.shape[0])
         if device.type == "cuda":
