@@ -1,7 +1,7 @@
 """Run by tests/test_lightning.py (not a test itself): SAM+AACE under ``lightning.Trainer`` with
 ``strategy="ddp"`` on 2 CPU processes; Lightning relaunches this script for rank 1.
 
-    python tests/lightning_ddp_worker.py OUT.pt local|global
+    python tests/lightning_ddp_worker.py OUT  # writes OUT.rank0 and OUT.rank1
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from aace import SAM, aace_loss
-from aace.integrations.lightning import SAMModule
+from aace.integrations.lightning import PERTURBATION_SYNCS, SAMModule
 
 RHO, LR, MOMENTUM = 0.3, 0.1, 0.9
-PER_RANK_BATCH, SAMPLES = 4, 16
+PER_RANK_BATCH, SAMPLES = 4, 24  # 3 steps of 2 x 4
 
 
 def make_net() -> nn.Module:
@@ -58,14 +58,16 @@ class Net(SAMModule):
 
 if __name__ == "__main__":
     warnings.filterwarnings("ignore")
-    out, sync = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, precision="64-true",
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, use_distributed_sampler=False,
-    )  # fmt: skip
-    net = Net(sync)
-    trainer.fit(net)
-    result = {"net": net.net.state_dict(), "global_step": trainer.global_step}
+    out = sys.argv[1]
+    result = {}
+    for sync in PERTURBATION_SYNCS:  # the second fit reuses the 2 processes of the first
+        trainer = L.Trainer(
+            accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, precision="64-true",
+            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, use_distributed_sampler=False,
+        )  # fmt: skip
+        net = Net(sync)
+        trainer.fit(net)
+        result[sync] = {"net": net.net.state_dict(), "global_step": trainer.global_step}
     torch.save(result, f"{out}.rank{trainer.global_rank}")

@@ -21,10 +21,11 @@ module uses Lightning's *manual optimization*, and :func:`sam_step` does one SAM
 
 What :func:`sam_step` does, in order:
 
-1. the perturbation pass: the gradient of ``perturbation_loss(module(x), y)``; under DDP with
-   ``perturbation_sync="local"`` (default) each process keeps its own (``torch.autograd.grad``,
-   which bypasses DDP's all-reduce hooks): the m-sharpness setting of Foret et al., ICLR 2021,
-   as ``aace train`` does; with ``"global"`` it is ``manual_backward``, all-reduced;
+1. the perturbation pass: ``perturbation_loss(module(x), y)`` and ``manual_backward``; under
+   DDP with ``perturbation_sync="local"`` (default) inside the strategy's
+   ``block_backward_sync()`` (DDP's ``no_sync``), so each process perturbs with its own
+   gradient: the m-sharpness setting of Foret et al., ICLR 2021, as ``aace train`` does; with
+   ``"global"`` the gradient is all-reduced first;
 2. ``optimizer.step(closure)`` through Lightning's ``LightningOptimizer``, so that the precision
    plugin, the ``on_before_optimizer_step`` hooks and ``trainer.global_step`` see one step;
    :meth:`aace.sam.SAM.step` moves w to w + e, calls the closure (the update pass
@@ -39,6 +40,7 @@ without the closure, and the perturbation needs unscaled gradients.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -126,17 +128,11 @@ def sam_step(
     sam.zero_grad(set_to_none=True)
     logits = module(x)
     first_loss = perturbation_loss(logits, y)
-    if perturbation_sync == "global":
-        module.manual_backward(first_loss)  # all-reduced under DDP
-    else:
-        # Each process's own gradient. Not ``no_sync``: Lightning's DDP wrapper runs the whole
-        # training_step as DDP's forward, whose end arms the gradient all-reduce for the next
-        # backward, so from the second step on a backward inside ``no_sync`` would still be
-        # all-reduced. ``autograd.grad`` does not run the hooks that all-reduce.
-        params = [p for g in sam.param_groups for p in g["params"] if p.requires_grad]
-        grads = torch.autograd.grad(first_loss, params, allow_unused=True)
-        for p, grad in zip(params, grads):
-            p.grad = grad
+    # Under DDP, "local" keeps each process's own gradient (no all-reduce in this backward).
+    block_sync = getattr(module.trainer.strategy, "block_backward_sync", None)
+    local = block_sync is not None and perturbation_sync == "local"
+    with block_sync() if local else nullcontext():
+        module.manual_backward(first_loss)
 
     def update_pass() -> torch.Tensor:
         with frozen_batchnorm_stats(module):
