@@ -136,7 +136,7 @@ class _Killed(Exception):
 def test_resume_keeps_adams_moments(npz_path, tmp_path, monkeypatch):
     def config(out):
         return RunConfig(
-            dataset=f"npz:{npz_path}", model="wrn10_1", epochs=3, batch_size=16, lr=1e-3,
+            dataset=f"npz:{npz_path}", model="wrn10_1", epochs=2, batch_size=16, lr=1e-3,
             weight_decay=0.05, base_optimizer="adamw", betas=(0.85, 0.99), optimizer="sam-aace",
             schedule="cosine", out=str(out), seed=2,
         )  # fmt: skip

@@ -180,7 +180,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(npz32, tmp_path, mo
 
     def config(out):
         return RunConfig(dataset=f"npz:{npz32}", model="timm:test_resnet", epochs=2,
-                         batch_size=8, lr=0.05, optimizer="sam-aace", out=str(out))  # fmt: skip
+                         batch_size=12, lr=0.05, optimizer="sam-aace", out=str(out))  # fmt: skip
 
     Trainer(config(tmp_path / "reference"), log=lambda _: None).fit()
     real_save = trainer_module.save_checkpoint
