@@ -92,28 +92,33 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.parametrize(
+    "checkpoint_every, resumed",
+    [(0, "after epoch 1"), (2, "after epoch 1 and step 1 of epoch 2")],  # step 4 of 6
+)
 def test_resume_continues_the_curves_without_duplicates(
-    npz_path, uninterrupted, tmp_path, monkeypatch
+    npz_path, uninterrupted, tmp_path, monkeypatch, checkpoint_every, resumed
 ):
     out = tmp_path / "run"
     real_save = trainer_module.save_checkpoint
 
-    def die_before_the_second_checkpoint(path, payload):
+    def die_before_the_last_checkpoint(path, payload):
         if payload["epoch"] == 2:
             raise _Killed  # epoch 2's events are on disk, its checkpoint is not
         real_save(path, payload)
 
-    monkeypatch.setattr(trainer_module, "save_checkpoint", die_before_the_second_checkpoint)
+    overrides = dict(log_every=2, checkpoint_every=checkpoint_every)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", die_before_the_last_checkpoint)
     with pytest.raises(_Killed):
-        Trainer(config(npz_path, out, log_every=2), log=lambda _: None).fit()
+        Trainer(config(npz_path, out, **overrides), log=lambda _: None).fit()
     monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
     stale = scalars(out, "epochs")["test_acc"]
     assert [step for step, _ in stale] == [1, 2]
     # TensorBoard orders event files by their names, which start with the second of creation.
     time.sleep(1.1)
     messages = []
-    Trainer(config(npz_path, out, log_every=2), log=messages.append).fit(resume=True)
-    assert any("after epoch 1" in m for m in messages)
+    Trainer(config(npz_path, out, **overrides), log=messages.append).fit(resume=True)
+    assert any(m.endswith(resumed) for m in messages), messages
     assert len(list((out / "tensorboard" / "epochs").iterdir())) == 2  # one file per attempt
 
     rows = read_rows(out)
