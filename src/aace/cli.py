@@ -35,6 +35,7 @@ from aace.training.step import NonFiniteError
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_LOST_PROCESS = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -272,6 +273,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(error, str(error), EXIT_PREEMPTED, args.debug, prefix="aace: ")
     except NonFiniteError as error:
         return _fail(error, str(error), EXIT_NONFINITE, args.debug)
+    except RuntimeError as error:
+        if not _lost_contact(error):
+            raise
+        message = (
+            f"lost contact with another process of the job ({_first_line(error)}); its own "
+            "error says why. torchrun --max-restarts restarts the job, or rerun with --resume"
+        )
+        return _fail(error, message, EXIT_LOST_PROCESS, args.debug)
     except (ValueError, OSError, MissingExtraError) as error:
         # ConfigError, DatasetError, CheckpointError, ReportError are ValueErrors.
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
@@ -317,6 +326,30 @@ def _fail(
     return status
 
 
+def _lost_contact(error: RuntimeError) -> bool:
+    """A collective failed because another rank died (gloo raises a plain RuntimeError)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return _rank_count() > 1 and (
+        isinstance(error, dist.DistError)
+        or "Connection closed by peer" in text
+        or "Connection reset by peer" in text
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].split("] ")[-1].split(". ")[0] if text else type(error).__name__
+
+
+def _rank_count() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
 def _rank() -> int:
     try:
         return int(os.environ.get("RANK", "0") or 0)
@@ -325,8 +358,7 @@ def _rank() -> int:
 
 
 def _exit_on_sigterm(status: int) -> None:
-    under_torchrun = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
-    if not under_torchrun or threading.current_thread() is not threading.main_thread():
+    if _rank_count() <= 1 or threading.current_thread() is not threading.main_thread():
         return
 
     def exit_now(signum: int, frame: object) -> None:

@@ -422,9 +422,12 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.flush()  # the events up to this checkpoint reach the disk first
         per_rank: dict[str, Any] = self._rng_state(run.device)
+        optimizer_state = run.optimizer.state_dict()
         if position.step:
             per_rank["loader"] = run.train_loader.state_dict()
             per_rank["sums"] = sums.state_dict() if sums is not None else None
+            # SAM's previous perturbation, for the cosine: each rank's own under DDP.
+            per_rank["sam_stats"] = optimizer_state.pop("sam_stats", None)
         states = run.context.gather_objects(per_rank)
         if position.step:
             error = EpochSums.first_nonfinite([s["sums"] for s in states])
@@ -438,7 +441,7 @@ class Trainer:
             "epoch": position.epoch,
             "step_in_epoch": position.step,
             "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": run.scheduler.state_dict(),
             "rng": dict(states[0], ranks=states) if run.context.enabled else states[0],
             "world_size": run.context.world_size,
@@ -536,9 +539,16 @@ class Trainer:
 
     def _restore(self, checkpoint: dict[str, Any], run: _Run) -> _Position:
         path = self.out / CHECKPOINT
+        context = run.context
+        rng = checkpoint.get("rng", {})
+        states = rng.get("ranks", [rng])
+        same_ranks = len(states) == context.world_size
+        optimizer_state = dict(checkpoint["optimizer"])
+        if same_ranks and states[context.rank].get("sam_stats") is not None:
+            optimizer_state["sam_stats"] = states[context.rank]["sam_stats"]
         try:
             run.model.load_state_dict(checkpoint["model"])
-            run.optimizer.load_state_dict(checkpoint["optimizer"])
+            run.optimizer.load_state_dict(optimizer_state)
             run.scheduler.load_state_dict(checkpoint["scheduler"])
             if run.step.scaler.is_enabled() and "scaler" in checkpoint:
                 run.step.scaler.load_state_dict(checkpoint["scaler"])
@@ -549,16 +559,13 @@ class Trainer:
                     f"checkpoint '{path}' does not fit this model/optimizer ({first_line})"
                 )
             ) from error
-        context = run.context
         position = _Position(
             epoch=int(checkpoint["epoch"]),
             step=int(checkpoint.get("step_in_epoch", 0)),
             rows=list(checkpoint.get("metrics", [])),
             seconds=float(checkpoint.get("epoch_seconds", 0.0)),
         )
-        rng = checkpoint.get("rng", {})
-        states = rng.get("ranks", [rng])
-        if len(states) == context.world_size:
+        if same_ranks:
             mine = states[context.rank]
             if "torch" in mine:
                 torch.set_rng_state(mine["torch"])
