@@ -97,7 +97,7 @@ def _matrix_with_spectrum(eigenvalues, seed: int = 0) -> torch.Tensor:
 ONE_BATCH = [(torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2))]
 
 
-# -- Hessian-vector products and eigenvalues ---------------------------------------------------------
+# -- Hessian-vector products and eigenvalues -------------------------------------------------
 
 
 def test_hessian_vector_product_equals_exact_hessian_times_vector():
