@@ -4,7 +4,9 @@ spectrum, brute-force maxima and Gauss-Hermite quadrature on a 2-parameter model
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -429,3 +431,99 @@ def test_plots_are_written(tmp_path):
         path = plot_landscape(landscape, tmp_path / name, log=True)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plane.to_dict()["losses"][1][1] == pytest.approx(_loss(model, batches))
+
+
+# -- aace sharpness and aace compare ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """Two one-epoch runs on a tiny npz dataset: wrn10_1 (SGD) and wrn10_2 (another model)."""
+    from aace.cli import main
+
+    tmp = tmp_path_factory.mktemp("sharpness")
+    rng = np.random.default_rng(0)
+    data = tmp / "tiny.npz"
+    np.savez(
+        data,
+        x_train=rng.integers(0, 256, (24, 8, 8), dtype=np.uint8),
+        y_train=np.arange(24) % 3,
+        x_test=rng.integers(0, 256, (9, 8, 8), dtype=np.uint8),
+        y_test=np.arange(9) % 3,
+    )
+    runs = {}
+    for model in ("wrn10_1", "wrn10_2"):
+        out = tmp / model
+        argv = ["train", "--dataset", f"npz:{data}", "--model", model, "--epochs", "1"]
+        assert main([*argv, "--batch-size", "8", "--optimizer", "sgd", "--out", str(out)]) == 0
+        runs[model] = out
+    return data, runs
+
+
+FAST_SHARPNESS = ["--images", "24", "--batch-size", "8", "--samples", "2", "--steps", "2"]
+FAST_SHARPNESS += ["--average-samples", "2", "--max-iter", "12", "--tol", "1e-2"]
+
+
+def test_sharpness_command_writes_its_json_and_compare_shows_it(tiny_runs, capsys):
+    from aace.cli import main
+    from aace.data import load_dataset
+    from aace.models import create_model
+
+    data, runs = tiny_runs
+    run = runs["wrn10_1"]
+    argv = ["sharpness", str(run), *FAST_SHARPNESS, "--top-k", "2", "--dtype", "float64"]
+    assert main([*argv, "--landscape", "1d", "--resolution", "3", "--against", str(run)]) == 0
+    result = json.loads((run / "sharpness.json").read_text())
+    eigenvalues = result["hessian_eigenvalues"]
+    assert len(eigenvalues) == 2 and eigenvalues[0] >= eigenvalues[1]
+    assert result["hessian_trace_stderr"] > 0 and result["adaptive_sharpness"] > 0
+    assert result["settings"]["images"] == 24 and result["seconds"]["total"] > 0
+    # The measured loss is the eval-mode cross-entropy over all 24 normalized training images.
+    dataset = load_dataset(f"npz:{data}")
+    model = create_model("wrn10_1", num_classes=3, in_channels=1).double()
+    model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["model"])
+    mean, std = (
+        torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (dataset.mean, dataset.std)
+    )
+    x = (dataset.x_train.double() / 255 - mean) / std
+    with torch.no_grad():
+        expected = float(F.cross_entropy(model.eval()(x), dataset.y_train))
+    assert result["loss"] == pytest.approx(expected, rel=1e-9)
+    # Interpolating a model with itself is flat at that loss.
+    landscape = result["landscape"]
+    assert landscape["kind"] == "interpolation" and (run / landscape["png"]).is_file()
+    np.testing.assert_allclose(landscape["losses"], expected, rtol=1e-9)
+    capsys.readouterr()
+    assert main(["compare", str(run), str(runs["wrn10_2"])]) == 0
+    table = capsys.readouterr().out
+    assert "top Hessian eigenvalue" in table and f"{eigenvalues[0]:.4g} ± 0" in table
+    assert "| – | – | – |" in table  # the wrn10_2 run has no sharpness.json
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--images", "0"], "--images: got 0; expected an integer >= 1"),
+        (["--samples", "1"], r"--samples: got 1; expected 0 \(skip\) or an integer >= 2"),
+        (["--rho", "-1"], "--rho: got -1.0; expected a finite number > 0"),
+        (["--against", "x.pt"], "--against: got 'x.pt'; expected to be used with --landscape 1d"),
+        (["--landscape", "1d", "--against", "OTHER"], "--against: checkpoint '.*wrn10_2.*' is a "),
+        (["--top-k", "100000000"], "k must be <= the number of analysed parameters"),
+    ],
+)
+def test_sharpness_command_bad_input_is_one_line_and_exit_2(tiny_runs, extra, message, capsys):
+    from aace.cli import main
+
+    _, runs = tiny_runs
+    extra = [str(runs["wrn10_2"] / "checkpoint.pt") if a == "OTHER" else a for a in extra]
+    assert main(["sharpness", str(runs["wrn10_1"]), "--out", "/dev/null", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("aace: error: ")
+    assert re.search(message, err), err
+
+
+def test_sharpness_command_on_a_directory_that_is_not_a_run(tmp_path, capsys):
+    from aace.cli import main
+
+    assert main(["sharpness", str(tmp_path)]) == 2
+    assert "has no checkpoint.pt; expected an aace run directory" in capsys.readouterr().err
