@@ -477,7 +477,7 @@ def test_sharpness_command_writes_its_json_and_compare_shows_it(tiny_runs, capsy
     eigenvalues = result["hessian_eigenvalues"]
     assert len(eigenvalues) == 2 and eigenvalues[0] >= eigenvalues[1]
     assert result["hessian_trace_stderr"] > 0 and result["adaptive_sharpness"] > 0
-    assert result["settings"]["images"] == 24 and result["seconds"]["total"] > 0
+    assert result["settings"]["images_measured"] == 24 and result["seconds"]["total"] > 0
     # The measured loss is the eval-mode cross-entropy over all 24 normalized training images.
     dataset = load_dataset(f"npz:{data}")
     model = create_model("wrn10_1", num_classes=3, in_channels=1).double()

@@ -337,8 +337,8 @@ def hessian_trace_estimate(
 
     Cost: one pass over ``batches``. For each batch the forward pass and the graph-keeping
     backward pass are done once and serve a block of probes (each one more backward pass through
-    that graph), which is why this costs about 1/3 of ``samples`` separate Hessian-vector
-    products over the data.
+    that graph), so every probe but the first costs only the second backward pass instead of a
+    whole Hessian-vector product (``benchmarks/sharpness.py`` measures the difference).
 
     ``samples`` >= 2 (for the standard error); ``seed`` fixes the probes (drawn on the CPU).
     """

@@ -329,7 +329,7 @@ def run_sharpness(args: argparse.Namespace, log: Callable[[str], None] = print) 
 
     seconds["total"] = time.perf_counter() - started
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "out", "command", "debug")}
-    settings["images"] = images
+    settings["images_measured"] = images
     result.update(
         {
             "settings": settings,
