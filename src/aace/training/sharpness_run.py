@@ -13,6 +13,7 @@ import argparse
 import copy
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -258,10 +259,14 @@ def run_sharpness(args: argparse.Namespace, log: Callable[[str], None] = print) 
 
     if args.top_k:
         progress.start("Hessian eigenvalues (Lanczos)")
-        eigen = hessian_eigen(
-            model, loss_fn, counted, args.top_k, max_iter=args.max_iter, tol=args.tol,
-            seed=args.seed,
-        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            eigen = hessian_eigen(
+                model, loss_fn, counted, args.top_k, max_iter=args.max_iter, tol=args.tol,
+                seed=args.seed,
+            )  # fmt: skip
+        for warning in caught:
+            log(f"notice: {warning.message}")
         result["hessian_eigenvalues"] = eigen.eigenvalues
         result["hessian_eigenvalue_residuals"] = eigen.residuals
         result["lanczos_iterations"] = eigen.iterations
