@@ -54,7 +54,7 @@ class Objective:
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if iter(batches) is batches:
+        if isinstance(batches, Iterator):  # (not iter(): a DataLoader would start workers)
             raise ValueError(
                 f"batches must be re-iterable (a list of (x, y) pairs or a DataLoader), got a "
                 f"one-shot iterator ({type(batches).__name__}); pass list(batches)"
