@@ -133,6 +133,7 @@ def main() -> int:
     parser.add_argument(
         "--solver-repeats", type=positive_int, default=1, help="repetitions of 2. and 3."
     )
+    parser.add_argument("--name", default="sharpness", help="results file name (sharpness)")
     parser.add_argument("--skip", action="append", default=[], choices=("hvp", "eigen", "trace"))
     add_common_arguments(parser, repeats=5, warmup=1)
     args = parser.parse_args()
@@ -146,7 +147,30 @@ def main() -> int:
     pyhessian = _pyhessian(model, batches)
     rows: list[list[object]] = []
     results: dict = {"parameters": n_params, "images": sum(len(y) for _, y in batches)}
+    solver_rows: list[list[object]] = []
     print(f"{args.model}: {n_params:,} parameters; {results['images']} images", flush=True)
+
+    def write() -> str:
+        """Write the results so far (after every section, so a stopped run keeps them)."""
+        text = ""
+        if rows:
+            text += "### Cost of one Hessian-vector product\n\n"
+            text += markdown_table(["what", "median s", "x forward-backward", "n"], rows) + "\n\n"
+        if solver_rows:
+            text += (
+                f"### Top eigenvalue (tol {args.tol:g}) and trace, {results['images']} images\n\n"
+            )
+            headers = ["what", "median s", "value", "Hessian-vector products", "n"]
+            text += markdown_table(headers, solver_rows) + "\n"
+        return write_results(
+            args.name,
+            [results],
+            text,
+            args.out_dir,
+            device=device,
+            config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            notes="The CPU was shared with other jobs while this ran; see the load average.",
+        )
 
     if "hvp" not in args.skip:
         x, y = batches[0]
@@ -178,9 +202,8 @@ def main() -> int:
                 [f"one batch of {len(y)}: {name}", f"{statistics.median(values):.3f}",
                  f"{statistics.median(values) / base:.2f}", len(values)]
             )  # fmt: skip
-        print(markdown_table(["what", "median s", "x forward-backward", "n"], rows), flush=True)
+        write()
 
-    solver_rows: list[list[object]] = []
     if "eigen" not in args.skip:
         records: dict[str, list] = {"aace": [], "pyhessian": []}
         for repeat in range(args.solver_repeats):
@@ -215,6 +238,7 @@ def main() -> int:
                      f"{statistics.median(e['eigenvalue'] for e in entries):.6g}",
                      f"{statistics.median(e['products'] for e in entries):g}", len(entries)]
                 )  # fmt: skip
+        write()
 
     if "trace" not in args.skip:
         records = {"aace": [], "pyhessian": []}
@@ -251,27 +275,7 @@ def main() -> int:
                      args.trace_samples, len(entries)]
                 )  # fmt: skip
 
-    text = ""
-    if rows:
-        text += "### Cost of one Hessian-vector product\n\n"
-        text += markdown_table(["what", "median s", "x forward-backward", "n"], rows) + "\n\n"
-    if solver_rows:
-        text += f"### Top eigenvalue (tol {args.tol:g}) and trace, {results['images']} images\n\n"
-        text += markdown_table(
-            ["what", "median s", "value", "Hessian-vector products", "n"], solver_rows
-        )
-        text += "\n"
-    print(
-        write_results(
-            "sharpness",
-            [results],
-            text,
-            args.out_dir,
-            device=device,
-            config={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            notes="The CPU was shared with other jobs while this ran; see the load average.",
-        )
-    )
+    print(write())
     return 0
 
 
