@@ -1,4 +1,4 @@
-"""The ``aace`` command line: train, eval, compare, plot, presets.
+"""The ``aace`` command line: train, eval, compare, plot, sharpness, presets.
 
 Every user error becomes one line on stderr and exit status 2; ``--debug`` shows the traceback.
 """
@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", help="run directories")
     plot.add_argument("--out", required=True, help="output image, e.g. curves.png")
 
+    sharpness = commands.add_parser(
+        "sharpness",
+        help="Hessian eigenvalues and trace, adaptive sharpness, loss landscapes of a run's model",
+    )
+    from aace.training.sharpness_run import add_arguments as add_sharpness_arguments
+
+    add_sharpness_arguments(sharpness)
+
     commands.add_parser("presets", help="list the presets")
     return parser
 
@@ -298,6 +306,11 @@ def _run(args: argparse.Namespace) -> int:
         from aace.report import compare_table
 
         print(compare_table(args.runs))
+        return 0
+    if args.command == "sharpness":
+        from aace.training.sharpness_run import run_sharpness
+
+        print(f"wrote {run_sharpness(args, log=lambda line: print(line, flush=True))}")
         return 0
     if args.command == "plot":
         from aace.report import plot_runs

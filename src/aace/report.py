@@ -8,6 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+SHARPNESS = "sharpness.json"
+# Columns of 'aace compare' for runs that have a sharpness.json: (key, header).
+SHARPNESS_COLUMNS = (
+    ("hessian_eigenvalues", "top Hessian eigenvalue"),
+    ("hessian_trace", "Hessian trace"),
+    ("adaptive_sharpness", "adaptive sharpness"),
+)
+
 
 class ReportError(ValueError):
     """A run directory that cannot be read; the message names the path."""
@@ -18,6 +26,7 @@ class Run:
     path: Path
     config: dict[str, Any]
     rows: list[dict[str, Any]]
+    sharpness: dict[str, Any] | None = None  # sharpness.json, written by 'aace sharpness'
 
     @property
     def label(self) -> str:
@@ -53,7 +62,13 @@ def read_run(path: str | Path) -> Run:
         raise ReportError(f"'{path}': unreadable config.json or metrics.jsonl ({error})") from error
     if not rows:
         raise ReportError(f"'{path}' has no finished epoch in metrics.jsonl yet")
-    return Run(path, config, rows)
+    sharpness = None
+    if (path / SHARPNESS).is_file():
+        try:
+            sharpness = json.loads((path / SHARPNESS).read_text())
+        except ValueError as error:
+            raise ReportError(f"'{path / SHARPNESS}' is not valid JSON ({error})") from error
+    return Run(path, config, rows, sharpness)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -62,24 +77,48 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def _sharpness_value(run: Run, key: str) -> float | None:
+    value = (run.sharpness or {}).get(key)
+    if isinstance(value, list):  # the eigenvalues, descending: the top one
+        value = value[0] if value else None
+    return value if isinstance(value, (int, float)) else None
+
+
+def _mean_std_plain(values: list[float], of: int) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    text = f"{mean:.4g} ± {std:.2g}"
+    return text if len(values) == of else f"{text} (n={len(values)})"
+
+
 def compare_table(paths: list[str | Path]) -> str:
-    """Markdown table of final and best test accuracy (%) per setting: mean ± std over seeds."""
+    """Markdown table of final and best test accuracy (%) per setting: mean ± std over seeds.
+
+    Runs with a ``sharpness.json`` (``aace sharpness``) add the top Hessian eigenvalue, the
+    Hessian trace and the adaptive worst-case sharpness, mean ± std over the runs that have
+    them (their n in brackets when not all runs of the row have them)."""
     runs = [read_run(p) for p in paths]
     groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.setting, run.label), []).append(run)
-    lines = [
-        "| setting | optimizer | final test acc (%) | best test acc (%) | n | epochs |",
-        "|---|---|---|---|---|---|",
-    ]
+    columns = SHARPNESS_COLUMNS if any(run.sharpness for run in runs) else ()
+    header = "| setting | optimizer | final test acc (%) | best test acc (%) | n | epochs |"
+    header += "".join(f" {title} |" for _, title in columns)
+    lines = [header, "|---|---|---|---|---|---|" + "---|" * len(columns)]
     for (setting, label), members in groups.items():
         final = [r.rows[-1]["test_acc"] for r in members]
         best = [max(row["test_acc"] for row in r.rows) for r in members]
         epochs = sorted({len(r.rows) for r in members})
-        lines.append(
+        line = (
             f"| {setting} | {label} | {_mean_std(final)} | {_mean_std(best)} | {len(members)} "
             f"| {', '.join(map(str, epochs))} |"
         )
+        for key, _ in columns:
+            values = [v for r in members if (v := _sharpness_value(r, key)) is not None]
+            line += f" {_mean_std_plain(values, len(members))} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
