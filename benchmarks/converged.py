@@ -1,0 +1,370 @@
+"""A converged run: SGD, SAM and SAM+AACE trained to the end of the paper's schedule, n seeds.
+
+The GPU recipe of issue 13 (``benchmarks/gpu/run_all.sh`` calls it):
+
+    python benchmarks/converged.py --dataset npz:benchmarks/out/data/cifar10_5k.npz \\
+        --model wrn16_8 --epochs 200 --seeds 3 --device cuda --budget 540
+
+Every run is a real ``aace train`` run (a subprocess, ``python -m aace train ... --resume``) with
+the settings of the paper's presets (``aace presets``: lr 0.1, momentum 0.9, weight decay 5e-4,
+step schedule x0.2 at 30/60/80 % of the epochs, label smoothing 0.1 in the update loss, batch
+256 as in the WRN-28-10 presets), SAM at rho 0.05 and SAM+AACE at the presets' rho 0.2, each in
+``<runs-dir>/<optimizer>-s<seed>``. Runs go seed by seed (SGD, SAM, SAM+AACE of seed 0 first), so
+a partial sweep still compares like with like; ``--parallel N`` trains N at once on the one device
+(small models leave a large GPU idle between kernels and while checkpoints are written).
+
+Time-limited sessions: ``--budget SECONDS`` stops starting runs once too little is left and, at
+the deadline, sends SIGTERM to the runs still going; ``aace train`` then writes a checkpoint at
+the next step boundary and exits (status 75). Calling the same command again resumes every run
+exactly where it stopped; finished runs (with ``summary.json``) are skipped.
+
+Whatever has finished at least one epoch is reported: ``<out-dir>/<name>.{json,md,png}`` with
+the ``aace compare`` table (final and best test accuracy, mean ± std over seeds, with the epochs
+reached), the mechanism table of ``replicate.py`` (perturbation-loss gradient norm and cosine
+between consecutive perturbations, first vs last third of training) and the ``aace plot``
+curves. ``--archive PATH`` also packs every run's ``config.json``, ``metrics.jsonl`` and
+``summary.json`` (not the checkpoints) into one ``.tar.gz``, the way results leave a machine
+that is given back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from _common import DEFAULT_OUT_DIR, non_negative_int, positive_int, write_results
+from replicate import mechanism_table
+
+from aace.report import compare_table, plot_runs, read_run
+from aace.training.config import DEFAULT_RHO, PRESETS
+
+# The paper's recipe as the presets hold it; the WRN-28-10 CIFAR-10 preset is the reference.
+PRESET = "wrn28-10-cifar10"
+OPTIMIZERS = ("sgd", "sam", "sam-aace")
+RHO = {"sgd": None, "sam": DEFAULT_RHO["sam"], "sam-aace": PRESETS[PRESET]["rho"]}
+EXIT_PREEMPTED = 75
+# After SIGTERM a run finishes its step and writes a checkpoint; then it is killed.
+STOP_GRACE_S = 90.0
+
+
+@dataclass
+class Job:
+    optimizer: str
+    seed: int
+    out: Path
+    log: Path
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    status: str = "pending"
+    returncodes: list[int] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.out.name
+
+    @property
+    def finished(self) -> bool:
+        return (self.out / "summary.json").is_file()
+
+
+def train_command(args: argparse.Namespace, job: Job) -> list[str]:
+    """The ``aace train`` command of one run (preset values spelled out, so the run's
+    ``config.json`` holds no preset name that its model and dataset would contradict)."""
+    preset = PRESETS[PRESET]
+    command = [
+        sys.executable,
+        "-m",
+        "aace",
+        "train",
+        "--dataset",
+        args.dataset,
+        "--model",
+        args.model,
+        "--optimizer",
+        job.optimizer,
+        "--lr",
+        str(preset["lr"]),
+        "--momentum",
+        str(preset["momentum"]),
+        "--weight-decay",
+        str(preset["weight_decay"]),
+        "--schedule",
+        preset["schedule"],
+        "--label-smoothing",
+        str(preset["label_smoothing"]),
+        "--batch-size",
+        str(args.batch_size or preset["batch_size"]),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(job.seed),
+        "--device",
+        args.device,
+        "--amp",
+        args.amp,
+        "--out",
+        str(job.out),
+        "--resume",
+    ]
+    if RHO[job.optimizer] is not None:
+        command += ["--rho", str(RHO[job.optimizer])]
+    if args.compile:
+        command.append("--compile")
+    return command
+
+
+def _stop(jobs: list[Job]) -> None:
+    """SIGTERM every running job, wait for their checkpoints, kill what is left."""
+    running = [job for job in jobs if job.process is not None and job.process.poll() is None]
+    for job in running:
+        print(f"-- budget reached: stopping {job.name} (checkpoint, then exit)", flush=True)
+        job.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for job in running:
+        try:
+            job.process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"-- {job.name} did not stop in {STOP_GRACE_S:.0f} s; killed", flush=True)
+            job.process.kill()
+            job.process.wait()
+
+
+def _reap(job: Job) -> None:
+    code = job.process.returncode
+    job.returncodes.append(code)
+    job.process = None
+    if job.finished:
+        job.status = "finished"
+    elif code == EXIT_PREEMPTED:
+        job.status = "stopped (resumable)"
+    else:
+        job.status = f"failed (exit {code}; see {job.log})"
+    minutes = (time.monotonic() - job.started) / 60
+    print(f"-- {job.name}: {job.status} after {minutes:.1f} min", flush=True)
+
+
+def run_jobs(args: argparse.Namespace, jobs: list[Job]) -> None:
+    """Start jobs in order, at most ``--parallel`` at once, until done or out of budget."""
+    deadline = time.monotonic() + args.budget if args.budget else None
+    queue = [job for job in jobs if not job.finished]
+    for job in jobs:
+        if job.finished:
+            job.status = "finished"
+    running: list[Job] = []
+    while queue or running:
+        for job in list(running):
+            if job.process.poll() is not None:
+                _reap(job)
+                running.remove(job)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            _stop(running)
+            for job in running:
+                _reap(job)
+            running = []
+            break
+        while queue and len(running) < args.parallel and (left is None or left > args.min_start):
+            job = queue.pop(0)
+            job.out.parent.mkdir(parents=True, exist_ok=True)
+            command = train_command(args, job)
+            print(f"== {job.name}: {' '.join(command[1:])}", flush=True)
+            with job.log.open("a") as log:
+                log.write(f"\n== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n")
+                log.flush()
+                # A new session: a Ctrl-C in the terminal reaches this script, which stops
+                # the runs itself (SIGTERM, checkpoint), instead of killing them mid-write.
+                job.process = subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                )
+            job.started = time.monotonic()
+            job.status = "running"
+            running.append(job)
+        if not running and queue:
+            print(
+                f"-- {len(queue)} run(s) not started: {left:.0f} s left, under the "
+                f"--min-start {args.min_start} s; rerun the command to continue",
+                flush=True,
+            )
+            break
+        time.sleep(2.0)
+
+
+def archive(paths: list[Path], target: Path) -> None:
+    """The small files of every run (not checkpoints) in one .tar.gz, paths from the runs dir."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(target, "w:gz") as tar:
+        for path in paths:
+            for name in ("config.json", "metrics.jsonl", "summary.json"):
+                if (path / name).is_file():
+                    tar.add(path / name, arcname=f"{path.name}/{name}")
+            log = path.parent / f"{path.name}.log"
+            if log.is_file():
+                tar.add(log, arcname=f"{path.name}.log")
+
+
+def report(args: argparse.Namespace, jobs: list[Job]) -> str | None:
+    readable = []
+    for job in jobs:
+        if job.finished:
+            job.status = "finished"
+        try:
+            read_run(job.out)
+        except ValueError:  # not started, or no epoch finished yet
+            continue
+        readable.append(job.out)
+    if args.archive:
+        archive([job.out for job in jobs if job.out.is_dir()], Path(args.archive))
+    if not readable:
+        print("no run has finished an epoch yet: nothing to report", flush=True)
+        return None
+    accuracy = compare_table(readable)
+    try:
+        mechanism, mechanism_rows = mechanism_table(readable)
+    except (ValueError, KeyError, ZeroDivisionError) as error:  # too few epochs for thirds
+        mechanism, mechanism_rows = f"(not available yet: {error})", []
+    plot = plot_runs(readable, Path(args.out_dir) / f"{args.name}.png")
+    status_rows = []
+    for job in jobs:
+        epochs = len(read_run(job.out).rows) if job.out in readable else 0
+        status_rows.append(f"| {job.name} | {epochs} / {args.epochs} | {job.status} |")
+    finished = sum(job.status == "finished" for job in jobs)
+    state = (
+        f"{finished} of {len(jobs)} runs finished"
+        + ("" if finished == len(jobs) else "; rerun the same command to continue the others")
+        + "."
+    )
+    preset = PRESETS[PRESET]
+    recipe = (
+        f"`{args.model}` on `{args.dataset}`, {args.epochs} epochs, the presets' recipe "
+        f"(`{PRESET}` values: lr {preset['lr']}, momentum {preset['momentum']}, weight decay "
+        f"{preset['weight_decay']}, {preset['schedule']} schedule, label smoothing "
+        f"{preset['label_smoothing']}, batch {args.batch_size or preset['batch_size']}), SAM rho "
+        f"{RHO['sam']}, SAM+AACE rho {RHO['sam-aace']}, amp {args.amp}"
+        + (", compiled" if args.compile else "")
+        + "."
+    )
+    text = write_results(
+        args.name,
+        [{"run": job.name, "status": job.status, "returncodes": job.returncodes} for job in jobs],
+        f"{recipe} {state}\n\n"
+        f"### Test accuracy\n\n{accuracy}\n\n"
+        f"### Mechanism: perturbation-loss gradient norm and consecutive-perturbation cosine\n\n"
+        f"{mechanism}\n\n### Runs\n\n| run | epochs | status |\n|---|---|---|\n"
+        + "\n".join(status_rows),
+        args.out_dir,
+        device=torch.device(args.device),
+        config={**vars(args), "preset_values_from": PRESET, "rho": RHO},
+        extra={"runs": [str(p) for p in readable], "mechanism": mechanism_rows},
+        notes=f"Curves: {plot.name} (one line per run). Each run's command is at the top of "
+        f"its log, `<runs-dir>/<run>.log`.",
+    )
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True, help="npz:PATH (e.g. the CIFAR-10 subset)")
+    parser.add_argument("--model", default="wrn16_8")
+    parser.add_argument("--epochs", type=positive_int, default=PRESETS[PRESET]["epochs"])
+    parser.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=3,
+        help="seeds 0..N-1, each with SGD, SAM and SAM+AACE (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help=f"default: the presets' {PRESETS[PRESET]['batch_size']}",
+    )
+    parser.add_argument("--device", default="cuda", help="auto, cpu or cuda (default: cuda)")
+    parser.add_argument(
+        "--amp", choices=("off", "bf16"), default="off", help="default: off (the presets')"
+    )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=False, help="aace --compile"
+    )
+    parser.add_argument(
+        "--parallel",
+        type=positive_int,
+        default=3,
+        help="runs trained at once on the device (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=non_negative_int,
+        default=0,
+        help="seconds; stop (resumably) when they are spent (default: 0, no limit)",
+    )
+    parser.add_argument(
+        "--min-start",
+        type=non_negative_int,
+        default=90,
+        help="start no run with fewer seconds of --budget left: CUDA set-up and the first "
+        "epoch would be lost (default: %(default)s)",
+    )
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs/converged"))
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
+    parser.add_argument("--name", default=None, help="default: converged-<dataset file stem>")
+    parser.add_argument(
+        "--archive", default=None, help="also write the runs' small files to this .tar.gz"
+    )
+    parser.add_argument(
+        "--report-only",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train nothing; report the runs that exist",
+    )
+    args = parser.parse_args(argv)
+    if not args.dataset.startswith("npz:"):
+        parser.error(f"--dataset: got {args.dataset!r}; expected npz:PATH")
+    if not Path(args.dataset[4:]).is_file():
+        print(
+            f"converged.py: error: --dataset: file '{args.dataset[4:]}' not found", file=sys.stderr
+        )
+        return 2
+    stem = Path(args.dataset[4:]).stem
+    args.name = args.name or f"converged-{stem}"
+    runs_dir = args.runs_dir / f"{stem}-{args.model}-e{args.epochs}"
+    jobs = [
+        Job(
+            optimizer,
+            seed,
+            runs_dir / f"{optimizer}-s{seed}",
+            runs_dir / f"{optimizer}-s{seed}.log",
+        )
+        for seed in range(args.seeds)
+        for optimizer in OPTIMIZERS
+    ]
+    if not args.report_only:
+        try:
+            run_jobs(args, jobs)
+        except KeyboardInterrupt:
+            _stop(jobs)
+            raise
+    text = report(args, jobs)
+    if text:
+        print(text)
+    failed = [job for job in jobs if job.status.startswith("failed")]
+    for job in failed:
+        print(f"converged.py: {job.name} {job.status}", file=sys.stderr)
+        if job.log.is_file():
+            print("".join(job.log.read_text().splitlines(keepends=True)[-5:]), file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
