@@ -22,19 +22,20 @@ Whatever has finished at least one epoch is reported: ``<out-dir>/<name>.{json,m
 the ``aace compare`` table (final and best test accuracy, mean ± std over seeds, with the epochs
 reached), the mechanism table of ``replicate.py`` (perturbation-loss gradient norm and cosine
 between consecutive perturbations, first vs last third of training) and the ``aace plot``
-curves. ``--archive PATH`` also packs every run's ``config.json``, ``metrics.jsonl`` and
-``summary.json`` (not the checkpoints) into one ``.tar.gz``, the way results leave a machine
-that is given back.
+curves. ``--copy-runs DIR`` also copies every run's ``config.json``, ``metrics.jsonl``,
+``summary.json`` and log (not the checkpoints, which are too large to leave a GPU machine that
+is given back) to ``DIR/<run>/``, where ``aace compare DIR/*`` and ``aace plot`` read them.
+``--first-seed K`` starts the seeds at K, so a later session adds seeds to an earlier one's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,17 +202,17 @@ def run_jobs(args: argparse.Namespace, jobs: list[Job]) -> None:
         time.sleep(2.0)
 
 
-def archive(paths: list[Path], target: Path) -> None:
-    """The small files of every run (not checkpoints) in one .tar.gz, paths from the runs dir."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(target, "w:gz") as tar:
-        for path in paths:
-            for name in ("config.json", "metrics.jsonl", "summary.json"):
-                if (path / name).is_file():
-                    tar.add(path / name, arcname=f"{path.name}/{name}")
-            log = path.parent / f"{path.name}.log"
-            if log.is_file():
-                tar.add(log, arcname=f"{path.name}.log")
+def copy_runs(jobs: list[Job], target: Path) -> None:
+    """The small files of every run (not its checkpoint) to ``target/<run>/``."""
+    for job in jobs:
+        if not job.out.is_dir():
+            continue
+        (target / job.name).mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "metrics.jsonl", "summary.json"):
+            if (job.out / name).is_file():
+                shutil.copy2(job.out / name, target / job.name / name)
+        if job.log.is_file():
+            shutil.copy2(job.log, target / job.name / "train.log")
 
 
 def report(args: argparse.Namespace, jobs: list[Job]) -> str | None:
@@ -224,8 +225,8 @@ def report(args: argparse.Namespace, jobs: list[Job]) -> str | None:
         except ValueError:  # not started, or no epoch finished yet
             continue
         readable.append(job.out)
-    if args.archive:
-        archive([job.out for job in jobs if job.out.is_dir()], Path(args.archive))
+    if args.copy_runs:
+        copy_runs(jobs, args.copy_runs)
     if not readable:
         print("no run has finished an epoch yet: nothing to report", flush=True)
         return None
@@ -282,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds",
         type=positive_int,
         default=3,
-        help="seeds 0..N-1, each with SGD, SAM and SAM+AACE (default: %(default)s)",
+        help="number of seeds, each with SGD, SAM and SAM+AACE (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--first-seed",
+        type=non_negative_int,
+        default=0,
+        help="seeds K..K+N-1 (default: %(default)s); another session's seeds go on from there",
     )
     parser.add_argument(
         "--batch-size",
@@ -320,7 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--name", default=None, help="default: converged-<dataset file stem>")
     parser.add_argument(
-        "--archive", default=None, help="also write the runs' small files to this .tar.gz"
+        "--copy-runs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also copy each run's config.json, metrics.jsonl, summary.json and log to DIR/<run>",
     )
     parser.add_argument(
         "--report-only",
@@ -346,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             runs_dir / f"{optimizer}-s{seed}",
             runs_dir / f"{optimizer}-s{seed}.log",
         )
-        for seed in range(args.seeds)
+        for seed in range(args.first_seed, args.first_seed + args.seeds)
         for optimizer in OPTIMIZERS
     ]
     if not args.report_only:

@@ -4,11 +4,13 @@ Rerun the reported measurement from the repository root with:
 
     .venv/bin/python benchmarks/step_time.py --model wrn16_4 --batch-size 128 --repeats 10
 
-(``--model`` may be given several times, ``--device cuda --amp bf16`` for a GPU.) On a GPU, one
-invocation sweeps precision, compilation and memory layout (``benchmarks/gpu/run_all.sh``)::
+(``--model`` may be given several times, as ``NAME:BATCH`` for a batch size of its own;
+``--device cuda --amp bf16`` for a GPU.) On a GPU, one invocation sweeps models, precision,
+compilation and memory layout (``benchmarks/gpu/run_all.sh``)::
 
-    python benchmarks/step_time.py --device cuda --model wrn28_10 --batch-size 256 \
-        --setting fp32 --setting bf16 --setting bf16+channels-last --setting bf16+compile
+    python benchmarks/step_time.py --device cuda --model wrn28_10:256 \\
+        --model pyramidnet272_200:64 --setting fp32 --setting bf16 --setting bf16+channels-last \\
+        --setting bf16+compile --name step_time-gpu
 
 Settings (``--setting``, repeatable; or ``--matrix`` for all eight; or the single-setting flags
 ``--amp``, ``--compile``, ``--channels-last``): ``+``-joined parts, one of ``fp32``/``bf16``
@@ -454,8 +456,22 @@ def _clear_dynamo_counters() -> None:
     counters.clear()
 
 
+def parse_model(text: str, default_batch: int) -> tuple[str, int]:
+    """``NAME`` or ``NAME:BATCH`` (a model with its own batch size) -> (name, batch)."""
+    name, _, batch = text.partition(":")
+    if not batch:
+        return name, default_batch
+    try:
+        return name, _common.positive_int(batch)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise ValueError(
+            f"--model {text!r}: expected NAME or NAME:BATCH with BATCH an integer >= 1"
+        ) from None
+
+
 def measure_block(
     model_name: str,
+    batch_size: int,
     setting: Setting,
     args: argparse.Namespace,
     device: torch.device,
@@ -468,9 +484,9 @@ def measure_block(
     base = create_model(model_name, num_classes=NUM_CLASSES, in_channels=3).to(device).train()
     base = base.to(memory_format=setting.memory_format)
     n_params = sum(p.numel() for p in base.parameters())
-    x = torch.randn(args.batch_size, 3, 32, 32, device=device)
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
     x = x.contiguous(memory_format=setting.memory_format)
-    y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+    y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
 
     def autocast() -> AbstractContextManager[Any]:
         if setting.amp == "bf16":
@@ -499,6 +515,7 @@ def measure_block(
     }
     block: dict[str, Any] = {
         "model": model_name,
+        "batch_size": batch_size,
         "setting": setting,
         "parameters": n_params,
         "samples": samples,
@@ -530,6 +547,13 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:,.0f}"
 
 
+def _batches(blocks: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    sizes = dict.fromkeys(f"{b['batch_size']} ({b['model']})" for b in blocks)
+    if all(b["batch_size"] == args.batch_size for b in blocks):
+        return str(args.batch_size)
+    return ", ".join(sizes)
+
+
 def write_blocks(
     blocks: list[dict[str, Any]],
     planned: int,
@@ -545,6 +569,7 @@ def write_blocks(
     summary_rows, step_rows, ratio_rows, phase_rows, op_rows = [], [], [], [], []
     for block in blocks:
         model_name, setting, samples = block["model"], block["setting"], block["samples"]
+        batch = block["batch_size"]
         label = setting.label
         summaries = {name: _common.summarize(samples[name]) for name in VARIANTS}
         median = {name: summaries[name]["median"] for name in VARIANTS}
@@ -558,10 +583,10 @@ def write_blocks(
                     "variant": name,
                     "setting": label,
                     **asdict(setting),
-                    "batch_size": args.batch_size,
+                    "batch_size": batch,
                     "seconds": s,
                     "samples_s": samples[name],
-                    "images_per_s": args.batch_size / s["median"],
+                    "images_per_s": batch / s["median"],
                     "first_step_s": block["first_step_s"][name],
                     "peak_bytes": peak[name],
                     "peak_over_sgd": (
@@ -578,7 +603,7 @@ def write_blocks(
                     _common.milliseconds(s["median"]),
                     f"{_common.milliseconds(s['q1'])}-{_common.milliseconds(s['q3'])}",
                     f"{_common.milliseconds(s['min'])}-{_common.milliseconds(s['max'])}",
-                    f"{args.batch_size / s['median']:,.0f}",
+                    f"{batch / s['median']:,.0f}",
                     _mib(peak[name]),
                     f"{block['first_step_s'][name]:.2f}",
                     s["n"],
@@ -602,7 +627,7 @@ def write_blocks(
                 label,
                 _common.milliseconds(median["SGD"]),
                 _common.milliseconds(median["SAM+AACE"]),
-                f"{args.batch_size / median['SAM+AACE']:,.0f}",
+                f"{batch / median['SAM+AACE']:,.0f}",
                 f"{aace_over_sgd:.3f}",
                 f"{loop_over_aace:.3f}",
                 peak_ratio,
@@ -639,8 +664,8 @@ def write_blocks(
 
     done = f"{len(blocks)} of {planned} (setting, model) blocks"
     header = (
-        f"Batch {args.batch_size}, {args.repeats} timed repetitions after one first step and "
-        f"{args.warmup} warm-up rounds. Milliseconds per step; images/s = batch / median."
+        f"Batch {_batches(blocks, args)}; {args.repeats} timed repetitions after one first step "
+        f"and {args.warmup} warm-up rounds. Milliseconds per step; images/s = batch / median."
     )
     if len(blocks) < planned:
         header = f"**Partial: {done} finished** (cut off or still running). " + header
@@ -708,6 +733,7 @@ def write_blocks(
     config = {
         "models": models,
         "batch_size": args.batch_size,
+        "batch_sizes": {b["model"]: b["batch_size"] for b in blocks},
         "repeats": args.repeats,
         "warmup": args.warmup,
         "device": str(device),
@@ -739,7 +765,7 @@ def write_blocks(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_model_arguments(parser)
+    _common.add_model_arguments(parser)  # here NAME or NAME:BATCH, e.g. pyramidnet272_200:64
     parser.add_argument(
         "--amp",
         choices=("off", "bf16"),
@@ -795,16 +821,20 @@ def main(argv: list[str] | None = None) -> None:
         settings = [Setting(amp, args.compile, args.channels_last) for amp in amps]
     if any(s.compile for s in settings):
         _raise_compile_limits()
-    models = args.model or ["wrn16_4"]
+    try:
+        model_batches = [parse_model(m, args.batch_size) for m in args.model or ["wrn16_4"]]
+    except ValueError as error:
+        parser.error(str(error))
+    models = [name for name, _ in model_batches]
 
     # Settings outside, models inside: with --matrix the fast eager settings of every model
     # finish before the first compilation starts.
-    planned = [(setting, model) for setting in settings for model in models]
+    planned = [(setting, model) for setting in settings for model in model_batches]
     blocks: list[dict[str, Any]] = []
     text = ""
-    for setting, model_name in planned:
-        print(f"== {model_name} {setting.label}", flush=True)
-        blocks.append(measure_block(model_name, setting, args, device))
+    for setting, (model_name, batch_size) in planned:
+        print(f"== {model_name} batch {batch_size} {setting.label}", flush=True)
+        blocks.append(measure_block(model_name, batch_size, setting, args, device))
         text = write_blocks(blocks, len(planned), args, device, settings, models)
     print(text)
 
