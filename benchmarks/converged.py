@@ -56,6 +56,14 @@ EXIT_PREEMPTED = 75
 STOP_GRACE_S = 90.0
 
 
+class Stop(Exception):
+    """SIGTERM reached this script (a time limit): stop the runs resumably, then report."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise Stop(f"signal {signum}")
+
+
 @dataclass
 class Job:
     optimizer: str
@@ -74,6 +82,29 @@ class Job:
     @property
     def finished(self) -> bool:
         return (self.out / "summary.json").is_file()
+
+    @property
+    def pid_file(self) -> Path:
+        return self.out.parent / f"{self.out.name}.pid"
+
+
+def _stop_leftover(job: Job) -> None:
+    """A run of an earlier call that outlived it (the runs are in sessions of their own, so a
+    killed parent leaves them going): stop it with a checkpoint before resuming it."""
+    try:
+        pid = int(job.pid_file.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return
+    if str(job.out) not in cmdline:
+        return  # the pid now belongs to another process
+    print(f"-- {job.name}: an earlier call's run (pid {pid}) is still going; stopping it")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
 
 
 def train_command(args: argparse.Namespace, job: Job) -> list[str]:
@@ -175,6 +206,7 @@ def run_jobs(args: argparse.Namespace, jobs: list[Job]) -> None:
         while queue and len(running) < args.parallel and (left is None or left > args.min_start):
             job = queue.pop(0)
             job.out.parent.mkdir(parents=True, exist_ok=True)
+            _stop_leftover(job)
             command = train_command(args, job)
             print(f"== {job.name}: {' '.join(command[1:])}", flush=True)
             with job.log.open("a") as log:
@@ -189,6 +221,7 @@ def run_jobs(args: argparse.Namespace, jobs: list[Job]) -> None:
                     start_new_session=True,
                     env=dict(os.environ, PYTHONUNBUFFERED="1"),
                 )
+            job.pid_file.write_text(str(job.process.pid))
             job.started = time.monotonic()
             job.status = "running"
             running.append(job)
@@ -360,12 +393,19 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.first_seed, args.first_seed + args.seeds)
         for optimizer in OPTIMIZERS
     ]
+    stopped = False
     if not args.report_only:
+        signal.signal(signal.SIGTERM, _raise_stop)
         try:
             run_jobs(args, jobs)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Stop) as error:
+            print(f"-- interrupted ({error or 'Ctrl-C'}): stopping the runs resumably", flush=True)
             _stop(jobs)
-            raise
+            for job in jobs:
+                if job.process is not None:
+                    _reap(job)
+            stopped = True
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     text = report(args, jobs)
     if text:
         print(text)
@@ -374,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"converged.py: {job.name} {job.status}", file=sys.stderr)
         if job.log.is_file():
             print("".join(job.log.read_text().splitlines(keepends=True)[-5:]), file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed else (EXIT_PREEMPTED if stopped else 0)
 
 
 if __name__ == "__main__":

@@ -806,6 +806,13 @@ def main(argv: list[str] | None = None) -> None:
         default=False,
         help="also break the SAM+AACE step into phases and list its top operators",
     )
+    parser.add_argument(
+        "--outer",
+        choices=("settings", "models"),
+        default="settings",
+        help="the outer loop: settings (every model's eager settings finish before the first "
+        "compilation) or models (one model's settings, then the next); default: %(default)s",
+    )
     _common.add_name_argument(parser, "step_time")
     _common.add_common_arguments(parser, repeats=20, warmup=3)
     args = parser.parse_args(argv)
@@ -827,9 +834,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     models = [name for name, _ in model_batches]
 
-    # Settings outside, models inside: with --matrix the fast eager settings of every model
-    # finish before the first compilation starts.
-    planned = [(setting, model) for setting in settings for model in model_batches]
+    # Settings outside, models inside by default: with --matrix the fast eager settings of
+    # every model finish before the first compilation starts.
+    if args.outer == "settings":
+        planned = [(setting, model) for setting in settings for model in model_batches]
+    else:
+        planned = [(setting, model) for model in model_batches for setting in settings]
     blocks: list[dict[str, Any]] = []
     text = ""
     for setting, (model_name, batch_size) in planned:
