@@ -25,7 +25,8 @@ between consecutive perturbations, first vs last third of training) and the ``aa
 curves. ``--copy-runs DIR`` also copies every run's ``config.json``, ``metrics.jsonl``,
 ``summary.json`` and log (not the checkpoints, which are too large to leave a GPU machine that
 is given back) to ``DIR/<run>/``, where ``aace compare DIR/*`` and ``aace plot`` read them.
-``--first-seed K`` starts the seeds at K, so a later session adds seeds to an earlier one's.
+``--first-seed K`` starts the seeds at K, so a later session adds seeds to an earlier one's;
+``--report-only --runs-dir DIR --seeds N`` then reports all of them from the copies.
 """
 
 from __future__ import annotations
@@ -268,6 +269,7 @@ def report(args: argparse.Namespace, jobs: list[Job]) -> str | None:
         mechanism, mechanism_rows = mechanism_table(readable)
     except (ValueError, KeyError, ZeroDivisionError) as error:  # too few epochs for thirds
         mechanism, mechanism_rows = f"(not available yet: {error})", []
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     plot = plot_runs(readable, Path(args.out_dir) / f"{args.name}.png")
     status_rows = []
     for job in jobs:
@@ -356,7 +358,14 @@ def main(argv: list[str] | None = None) -> int:
         help="start no run with fewer seconds of --budget left: CUDA set-up and the first "
         "epoch would be lost (default: %(default)s)",
     )
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs/converged"))
+    parser.add_argument(
+        "--runs-dir",
+        type=Path,
+        default=None,
+        help="the run directories <optimizer>-s<seed> (default: "
+        "runs/converged/<dataset stem>-<model>-e<epochs>); with --report-only also a --copy-runs "
+        "directory",
+    )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--name", default=None, help="default: converged-<dataset file stem>")
     parser.add_argument(
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stem = Path(args.dataset[4:]).stem
     args.name = args.name or f"converged-{stem}"
-    runs_dir = args.runs_dir / f"{stem}-{args.model}-e{args.epochs}"
+    runs_dir = args.runs_dir or Path("runs/converged") / f"{stem}-{args.model}-e{args.epochs}"
     jobs = [
         Job(
             optimizer,

@@ -13,8 +13,9 @@
 #   SEEDS       seeds of the converged runs (default 3), FIRST_SEED (default 0)
 #   EPOCHS      (default 200), PARALLEL runs at once (default 3), AMP off|bf16 (default off)
 #   PYTHON      the interpreter (default: .venv/bin/python if it sees CUDA, else python3)
-#   RESULTS     where the result files go (default benchmarks/results), RUNS the run
-#               directories with their checkpoints (default runs/converged, git-ignored)
+#   RESULTS     where the result files go (default benchmarks/results, or with $OUT set
+#               benchmarks/out/gpu-results), RUNS the run directories with their checkpoints
+#               (default runs/converged/<npz stem>-<model>-e<epochs>, git-ignored)
 #   SMOKE=1     tiny models, steps and epochs, for checking this script on a CPU with
 #               DEVICE=cpu (default DEVICE=cuda); its numbers mean nothing
 #
@@ -33,8 +34,10 @@ FIRST_SEED=${FIRST_SEED:-0}
 EPOCHS=${EPOCHS:-200}
 PARALLEL=${PARALLEL:-3}
 AMP=${AMP:-off}
+# On the device machine (OUT set) results go to a git-ignored folder, which a warm machine keeps
+# from one call to the next (a call re-sends the working tree), and are packed into $OUT.
+if [ -n "${OUT:-}" ]; then RESULTS=${RESULTS:-benchmarks/out/gpu-results}; fi
 RESULTS=${RESULTS:-benchmarks/results}
-RUNS=${RUNS:-runs/converged}
 DEVICE=${DEVICE:-cuda}
 STEM=$(basename "$NPZ" .npz)
 export PYTHONUNBUFFERED=1
@@ -55,6 +58,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   CONVERGED_MODEL=wrn10_1
   EPOCHS=${SMOKE_EPOCHS:-1}
 fi
+RUNS=${RUNS:-runs/converged/$STEM-$CONVERGED_MODEL-e$EPOCHS}
 
 case "$MODE" in
   all | converged) ;;
