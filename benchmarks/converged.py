@@ -301,7 +301,11 @@ def report(args: argparse.Namespace, jobs: list[Job]) -> str | None:
         + "\n".join(status_rows),
         args.out_dir,
         device=torch.device(args.device),
-        config={**vars(args), "preset_values_from": PRESET, "rho": RHO},
+        config={
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "preset_values_from": PRESET,
+            "rho": RHO,
+        },
         extra={"runs": [str(p) for p in readable], "mechanism": mechanism_rows},
         notes=f"Curves: {plot.name} (one line per run). Each run's command is at the top of "
         f"its log, `<runs-dir>/<run>.log`.",
