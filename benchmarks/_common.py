@@ -260,7 +260,7 @@ def write_results(
     payload = {"benchmark": name, "machine": machine, "config": dict(config), "rows": rows}
     if extra:
         payload.update(extra)
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    _write_atomically(out_dir / f"{name}.json", json.dumps(payload, indent=2) + "\n")
 
     where = machine.get("device_name", machine["processor"])
     summary = (
@@ -279,8 +279,16 @@ def write_results(
     if notes:
         parts.append(notes)
     text = "\n\n".join(parts) + "\n"
-    (out_dir / f"{name}.md").write_text(text)
+    _write_atomically(out_dir / f"{name}.md", text)
     return text
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename, so a benchmark killed by a
+    time limit while it rewrites its results leaves the previous complete file, never half."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def milliseconds(seconds: float) -> str:
