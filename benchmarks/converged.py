@@ -16,7 +16,8 @@ a partial sweep still compares like with like; ``--parallel N`` trains N at once
 Time-limited sessions: ``--budget SECONDS`` stops starting runs once too little is left and, at
 the deadline, sends SIGTERM to the runs still going; ``aace train`` then writes a checkpoint at
 the next step boundary and exits (status 75). Calling the same command again resumes every run
-exactly where it stopped; finished runs (with ``summary.json``) are skipped.
+exactly where it stopped; finished runs (with ``summary.json``) are skipped. The script exits 0
+when every run has finished, 75 when some have not (rerun it), 1 when a run failed.
 
 Whatever has finished at least one epoch is reported: ``<out-dir>/<name>.{json,md,png}`` with
 the ``aace compare`` table (final and best test accuracy, mean ± std over seeds, with the epochs
@@ -158,7 +159,7 @@ def _stop(jobs: list[Job]) -> None:
     """SIGTERM every running job, wait for their checkpoints, kill what is left."""
     running = [job for job in jobs if job.process is not None and job.process.poll() is None]
     for job in running:
-        print(f"-- budget reached: stopping {job.name} (checkpoint, then exit)", flush=True)
+        print(f"-- stopping {job.name} (checkpoint, then exit)", flush=True)
         job.process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_GRACE_S
     for job in running:
@@ -427,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"converged.py: {job.name} {job.status}", file=sys.stderr)
         if job.log.is_file():
             print("".join(job.log.read_text().splitlines(keepends=True)[-5:]), file=sys.stderr)
-    return 1 if failed else (EXIT_PREEMPTED if stopped else 0)
+    # 75 (as aace train's own stop): not all runs have finished; the same command continues.
+    unfinished = stopped or any(job.status != "finished" for job in jobs)
+    return 1 if failed else (EXIT_PREEMPTED if unfinished else 0)
 
 
 if __name__ == "__main__":
