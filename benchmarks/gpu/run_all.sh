@@ -97,12 +97,12 @@ if [ -z "${PYTHON:-}" ]; then
   fi
 fi
 if ! "$PYTHON" -c 'import aace' 2>/dev/null; then
-  # The project alone, no dependencies: torch, torchvision, numpy, scikit-learn, matplotlib and
-  # tqdm are in the machine's image. If pip cannot install it offline, import it from src/.
-  if ! "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index -e . ; then
-    say "pip could not install the project offline; using PYTHONPATH=src"
-    export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-  fi
+  # Install nothing: torch, torchvision, numpy, scikit-learn, matplotlib and tqdm are in the
+  # machine's image, and aace is pure Python, so it is imported from src/ (the scripts run the
+  # CLI as `python -m aace`). An offline `pip install --no-deps --no-build-isolation -e .` would
+  # need setuptools >= 77 for pyproject's license field, which the image may not have.
+  export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+  say "aace is imported from src/ (PYTHONPATH)"
 fi
 if ! "$PYTHON" - "$DEVICE" <<'EOF'
 import sys
