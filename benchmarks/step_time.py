@@ -478,7 +478,9 @@ def measure_block(
 ) -> dict[str, Any]:
     """Time every variant of one (model, setting); on CUDA also their peak memory."""
     if setting.compile:
-        torch._dynamo.reset()  # no cache entries of the previous setting count against limits
+        import torch._dynamo as dynamo  # binds dynamo only, not a function-local torch
+
+        dynamo.reset()  # no cache entries of the previous setting count against limits
         _clear_dynamo_counters()
     torch.manual_seed(0)
     base = create_model(model_name, num_classes=NUM_CLASSES, in_channels=3).to(device).train()
