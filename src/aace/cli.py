@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from aace.integrations import MissingExtraError
 from aace.training.config import (
     AMP_MODES,
+    BASE_OPTIMIZERS,
     DEVICES,
     OPTIMIZERS,
     PERTURBATION_SYNCS,
@@ -54,7 +56,17 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", help="where datasets are read from / downloaded to (default: data)")
     add("--download", action=argparse.BooleanOptionalAction, help="download missing datasets")
     add("--image-size", type=int, help="Food101 resize target in pixels (default 32)")
-    add("--model", help="wrn{depth}_{width} or pyramidnet{depth}_{alpha}[_basic] (default wrn16_1)")
+    add(
+        "--model",
+        help="wrn{depth}_{width}, pyramidnet{depth}_{alpha}[_basic] (default wrn16_1), or "
+        "timm:NAME for any timm architecture (pip install 'aace[timm]')",
+    )
+    add(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        help="timm:NAME only: start from the pretrained weights in the local cache (never "
+        "downloaded; default off)",
+    )
     add("--dropout", type=float, help="WideResNet dropout probability")
     add("--shakedrop", type=float, help="PyramidNet ShakeDrop probability of the last block")
     add("--optimizer", choices=OPTIMIZERS, help="default sam-aace")
@@ -65,7 +77,20 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr", type=float, help="base learning rate (default 0.1)")
     add("--momentum", type=float, help="SGD momentum (default 0.9)")
     add("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
-    add("--weight-decay", type=float, help="default 5e-4")
+    add("--weight-decay", type=float, help="default 5e-4 (AdamW's is decoupled: try 0.05)")
+    add(
+        "--base-optimizer",
+        choices=BASE_OPTIMIZERS,
+        help="the optimizer that makes the update, alone (--optimizer sgd) or inside SAM: sgd "
+        "(default; --momentum, --nesterov) or adamw (--betas)",
+    )
+    add(
+        "--betas",
+        type=float,
+        nargs=2,
+        metavar=("BETA1", "BETA2"),
+        help="AdamW's betas (default 0.9 0.999)",
+    )
     add(
         "--batch-size",
         type=int,
@@ -113,6 +138,16 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write a checkpoint every N optimizer steps, so a kill loses at most N steps "
         "(default 0: at epoch ends only); a resume continues mid-epoch exactly",
     )
+    add(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="also write TensorBoard events to OUT/tensorboard (pip install 'aace[tensorboard]')",
+    )
+    add(
+        "--log-every",
+        type=int,
+        help="with --tensorboard: log the training loss every N steps (default 50)",
+    )
     add("--out", help="run directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
 
@@ -149,6 +184,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if given is not None and field.name != "preset":
             values[field.name] = given
     config = RunConfig(**values)
+    if getattr(args, "momentum", None) is not None and config.base_optimizer != "sgd":
+        raise ConfigError(
+            f"--momentum: got {args.momentum}; it is SGD's, not {config.base_optimizer}'s "
+            "(use --betas for AdamW's moment decay)"
+        )
     if args.out is None:
         config.out = str(
             Path("runs") / f"{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
@@ -193,6 +233,7 @@ def _eval(args: argparse.Namespace) -> int:
             f"checkpoint '{args.checkpoint}' has {checkpoint['num_classes']} classes but "
             f"{dataset.name} has {dataset.num_classes}"
         )
+    config.pretrained = False  # the checkpoint holds the weights
     model = build_model(config, dataset)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -240,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "error says why. torchrun --max-restarts restarts the job, or rerun with --resume"
         )
         return _fail(error, message, EXIT_LOST_PROCESS, args.debug)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, MissingExtraError) as error:
         # ConfigError, DatasetError, CheckpointError, ReportError are ValueErrors.
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         if isinstance(error, OSError) and not isinstance(error, ValueError):

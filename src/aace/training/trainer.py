@@ -34,6 +34,7 @@ from torch import nn
 import aace
 from aace.data import BatchLoader, InMemoryDataset, load_dataset
 from aace.data.loader import _derive_seed
+from aace.integrations.tensorboard import TensorBoardLog
 from aace.models import create_model
 from aace.training import distributed
 from aace.training.checkpoint import (
@@ -58,7 +59,7 @@ SUMMARY = "summary.json"
 # may --accumulate, which splits the same batch differently (BatchNorm sees smaller batches).
 RESUMABLE_CHANGES = (
     "out", "device", "data_dir", "download", "compile", "nonfinite", "accumulate",
-    "checkpoint_every",
+    "checkpoint_every", "tensorboard", "log_every",
 )  # fmt: skip
 EVAL_BATCH_SIZE = 1024
 
@@ -90,6 +91,8 @@ def build_model(config: RunConfig, dataset: InMemoryDataset) -> nn.Module:
         in_channels=dataset.in_channels,
         dropout=config.dropout,
         shakedrop=config.shakedrop,
+        image_size=dataset.image_size,
+        pretrained=config.pretrained,
     )
 
 
@@ -201,6 +204,7 @@ class Trainer:
         self.log = log
         self.out = Path(config.out)
         self.is_main = True  # False on ranks > 0 once fit() knows
+        self.tensorboard: TensorBoardLog | None = None  # rank 0 with --tensorboard
 
     # -- run directory -----------------------------------------------------------------------
 
@@ -292,6 +296,8 @@ class Trainer:
             gc.collect()
             raise
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             context.close()
 
     def _fit(
@@ -361,6 +367,11 @@ class Trainer:
             if position.step:
                 where += f" and step {position.step} of epoch {position.epoch + 1}"
             log(f"resumed from '{self.out / CHECKPOINT}' {where}")
+        if config.tensorboard and context.is_main:
+            steps_done = position.epoch * len(train_loader) + position.step
+            self.tensorboard = TensorBoardLog(
+                self.out, config.log_every, position.epoch, steps_done
+            )
         if context.is_main:
             atomic_write_json(
                 self.out / CONFIG,
@@ -389,6 +400,8 @@ class Trainer:
                     f.write(json.dumps(json_safe(row)) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
+            if self.tensorboard is not None:
+                self.tensorboard.log_epoch(json_safe(row))
             self._save(run, _Position(epoch=epoch + 1, rows=rows))
             log(self._format_row(row))
             if epoch + 1 < config.epochs and stop.agreed():
@@ -406,6 +419,8 @@ class Trainer:
         random streams and, mid-epoch, its loader position and partial sums). A mid-epoch
         checkpoint is written only if no rank has seen a non-finite value in the epoch so far
         (a host sync, at checkpoints only); otherwise the run stops as at the epoch's end."""
+        if self.tensorboard is not None:
+            self.tensorboard.flush()  # the events up to this checkpoint reach the disk first
         per_rank: dict[str, Any] = self._rng_state(run.device)
         optimizer_state = run.optimizer.state_dict()
         if position.step:
@@ -458,6 +473,8 @@ class Trainer:
         model.train()
         for x, y in loader:
             stats = step(x, y)
+            if self.tensorboard is not None:
+                self.tensorboard.log_step(stats.train_loss)
             sums.add(stats, y.shape[0])
             progress.update(stats, y.shape[0])
             done += 1
