@@ -91,6 +91,15 @@ def add_common_arguments(
     )
 
 
+def add_name_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """--name: the stem of the result files, so a run on other hardware does not overwrite."""
+    parser.add_argument(
+        "--name",
+        default=default,
+        help="write <out-dir>/<name>.json and .md (default: %(default)s)",
+    )
+
+
 def setup(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
     """Apply --threads, seed, and check the device; returns it."""
     if args.threads is not None:
@@ -217,6 +226,14 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+        props = torch.cuda.get_device_properties(device)
+        info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["device_capability"] = f"{props.major}.{props.minor}"
+        info["cudnn"] = torch.backends.cudnn.version()
+        # Recorded because "fp32" on an NVIDIA GPU means TF32 convolutions unless turned off.
+        info["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
     return info
 
 
@@ -243,7 +260,7 @@ def write_results(
     payload = {"benchmark": name, "machine": machine, "config": dict(config), "rows": rows}
     if extra:
         payload.update(extra)
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    _write_atomically(out_dir / f"{name}.json", json.dumps(payload, indent=2) + "\n")
 
     where = machine.get("device_name", machine["processor"])
     summary = (
@@ -262,8 +279,16 @@ def write_results(
     if notes:
         parts.append(notes)
     text = "\n\n".join(parts) + "\n"
-    (out_dir / f"{name}.md").write_text(text)
+    _write_atomically(out_dir / f"{name}.md", text)
     return text
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename, so a benchmark killed by a
+    time limit while it rewrites its results leaves the previous complete file, never half."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def milliseconds(seconds: float) -> str:

@@ -36,6 +36,26 @@ backward + ``opt.step()``). The share is total fetch time / total step time over
 the background, so their wait can hide behind compute, but on a small CPU they also compete
 with it for cores.
 
+On a GPU (``--device cuda``; ``benchmarks/gpu/run_all.sh`` runs it with ``--model wrn16_8``),
+``BatchLoader`` keeps the dataset on the GPU and builds each batch there; the DataLoader
+variants use ``pin_memory=True`` and copy each batch with ``non_blocking=True``, and the copy
+counts as part of fetching. Epochs are timed with ``torch.cuda.synchronize()`` before reading
+the clock. Because CUDA work is queued asynchronously, the data-wait share is measured three
+ways, each over ``--train-steps`` steps after ``--train-warmup`` untimed ones:
+
+* synchronized: ``torch.cuda.synchronize()`` before and after ``next(iterator)`` and after the
+  step, host clock. Batch production and training are serialised: an upper bound.
+* CUDA events: events recorded before ``next``, after it and after the step, no host
+  synchronisation in the loop; fetch = GPU-stream time between the first two (the loader's
+  kernels, the copy, and any time the GPU sat idle waiting for the host to queue them),
+  share = fetch / step. This is the share in the pipelined loop ``aace train`` runs.
+* end to end: wall time of the training loop fed by the pipeline against the same loop fed
+  one fixed, already produced batch (``--repeats`` interleaved rounds);
+  share = 1 - fixed / pipeline, the training time the pipeline costs.
+
+``--amp bf16`` (repeatable) runs the loop under bf16 autocast as well: a faster step makes the
+same loader a larger share.
+
 Threads matter on a small, shared CPU: ``BatchLoader`` runs on PyTorch's intra-op threads, and
 with the default thread count it slows down several-fold when other processes keep the cores
 busy (oversubscription), while the DataLoader workers use one thread each. ``--threads 1``
@@ -64,6 +84,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from aace.data import BatchLoader, DatasetError, load_dataset
 from aace.models import create_model
+from aace.training.step import autocast
 
 DEFAULT_DATASET = "npz:../shared/data/cifar10_5k.npz"
 BATCH_SIZE = 128
@@ -120,6 +141,8 @@ def make_dataloader(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     workers: int,
+    batch_size: int = BATCH_SIZE,
+    pin_memory: bool = False,
 ) -> DataLoader:
     size = images_hwc.shape[1]
     transform = T.Compose(
@@ -133,27 +156,42 @@ def make_dataloader(
     )
     return DataLoader(
         PILDataset(images_hwc, labels, transform),
-        batch_size=BATCH_SIZE,
+        batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
         drop_last=True,
         persistent_workers=workers > 0,
+        pin_memory=pin_memory,
     )
 
 
 class Pipeline:
-    """One loader behind a common interface: epochs, counted images, an endless batch stream."""
+    """One loader behind a common interface: epochs, counted images, an endless batch stream.
 
-    def __init__(self, loader: BatchLoader | DataLoader) -> None:
+    Batches of a host loader are copied to ``device`` (``non_blocking``: from pinned memory the
+    copy is asynchronous); a ``BatchLoader`` already yields them there.
+    """
+
+    def __init__(
+        self, loader: BatchLoader | DataLoader, device: torch.device | None = None
+    ) -> None:
         self.loader = loader
+        self.device = device if device is not None else torch.device("cpu")
         self.epoch = 0
         self.images_per_epoch = 0
 
     def _epoch_iter(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         if isinstance(self.loader, BatchLoader):
             self.loader.set_epoch(self.epoch)
+            self.epoch += 1
+            return self.loader
         self.epoch += 1
-        return self.loader
+        if self.device.type == "cpu":
+            return self.loader
+        return (
+            (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+            for x, y in self.loader
+        )
 
     def run_epoch(self) -> None:
         images = 0
@@ -163,9 +201,11 @@ class Pipeline:
 
     def cold_first_batch(self) -> float:
         """Seconds from creating the first epoch's iterator to its first batch (then drained)."""
+        synchronize = _common.synchronizer(self.device)
         start = time.perf_counter()
         iterator = iter(self._epoch_iter())
         next(iterator)
+        synchronize()
         elapsed = time.perf_counter() - start
         for _ in iterator:
             pass
@@ -177,32 +217,135 @@ class Pipeline:
 
 
 def measure_data_wait(
-    pipeline: Pipeline, base: nn.Module, steps: int, warmup: int
+    pipeline: Pipeline,
+    base: nn.Module,
+    steps: int,
+    warmup: int,
+    amp: str = "off",
+    repeats: int = 3,
 ) -> dict[str, Any]:
-    """Per-step fetch (``next``) and total seconds of an SGD loop fed by ``pipeline``."""
-    model = copy.deepcopy(base).train()
+    """Per-step fetch (``next``) and total seconds of an SGD loop fed by ``pipeline``.
+
+    On the CPU the host clock (the only one). On CUDA also the CUDA-event and end-to-end
+    shares of the module docstring.
+    """
+    device = pipeline.device
+    model = copy.deepcopy(base).to(device).train()
     opt = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
     stream = pipeline.stream()
-    fetch_s: list[float] = []
-    step_s: list[float] = []
-    for index in range(warmup + steps):
-        start = time.perf_counter()
-        x, y = next(stream)
-        fetched = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+    synchronize = _common.synchronizer(device)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    fetch_s: list[float] = []
+    step_s: list[float] = []
+    batch_size = 0
+    for index in range(warmup + steps):
+        synchronize()
+        start = time.perf_counter()
+        x, y = next(stream)
+        synchronize()
+        fetched = time.perf_counter()
+        loss = train_step(x, y)
+        synchronize()
         end = time.perf_counter()
         if index >= warmup:
             fetch_s.append(fetched - start)
             step_s.append(end - start)
-    return {
+            batch_size = int(y.shape[0])
+    result: dict[str, Any] = {
         "fetch_s": fetch_s,
         "step_s": step_s,
         "wait_share": sum(fetch_s) / sum(step_s),
-        "train_images_per_s": BATCH_SIZE * steps / sum(step_s),
+        "train_images_per_s": batch_size * steps / sum(step_s),
         "final_loss": float(loss.detach()),
+    }
+    if device.type != "cuda":
+        return result
+    result["timing"] = "synchronized"
+    event = lambda: torch.cuda.Event(enable_timing=True)  # noqa: E731
+    result["cuda_events"] = event_shares(train_step, stream, steps, warmup, event)
+    torch.cuda.synchronize(device)
+    result["end_to_end"] = end_to_end_share(train_step, stream, steps, repeats, synchronize)
+    return result
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def event_shares(
+    train_step: Callable[[torch.Tensor, torch.Tensor], object],
+    stream: Iterator[Batch],
+    steps: int,
+    warmup: int,
+    event: Callable[[], Any],
+) -> dict[str, Any]:
+    """Device-stream milliseconds of each fetch and step, from events (``event()`` makes one
+    with ``record()`` and ``elapsed_time(other)``) and no host synchronisation in the loop."""
+    marks: list[tuple[Any, Any, Any]] = []
+    host_fetch_s: list[float] = []
+    for index in range(warmup + steps):
+        begin, fetched, end = event(), event(), event()
+        start = time.perf_counter()
+        begin.record()
+        x, y = next(stream)
+        fetched.record()
+        host_fetch = time.perf_counter() - start
+        train_step(x, y)
+        end.record()
+        if index >= warmup:
+            marks.append((begin, fetched, end))
+            host_fetch_s.append(host_fetch)
+    end.synchronize()  # the last event: every earlier one has completed too
+    fetch_ms = [begin.elapsed_time(fetched) for begin, fetched, _ in marks]
+    step_ms = [begin.elapsed_time(end) for begin, _, end in marks]
+    return {
+        "fetch_ms": fetch_ms,
+        "step_ms": step_ms,
+        "host_fetch_s": host_fetch_s,
+        "wait_share": sum(fetch_ms) / sum(step_ms),
+    }
+
+
+def end_to_end_share(
+    train_step: Callable[[torch.Tensor, torch.Tensor], object],
+    stream: Iterator[Batch],
+    steps: int,
+    repeats: int,
+    synchronize: Callable[[], None],
+) -> dict[str, Any]:
+    """Wall time of ``steps`` training steps fed by ``stream`` against the same steps fed one
+    fixed batch, ``repeats`` interleaved rounds after one warm-up round."""
+    fixed = next(stream)
+    batch_size = int(fixed[1].shape[0])
+
+    def loop(source: Callable[[], Batch]) -> None:
+        for _ in range(steps):
+            train_step(*source())
+
+    samples = _common.time_interleaved(
+        {
+            "pipeline": lambda: loop(lambda: next(stream)),
+            "fixed batch": lambda: loop(lambda: fixed),
+        },
+        repeats,
+        1,
+        synchronize,
+    )
+    pipeline_s, fixed_s = samples["pipeline"], samples["fixed batch"]
+    return {
+        "steps_per_sample": steps,
+        "pipeline_s": pipeline_s,
+        "fixed_batch_s": fixed_s,
+        "wait_share": 1 - statistics.median(fixed_s) / statistics.median(pipeline_s),
+        "median_paired_wait_share": 1 - _common.paired_ratio(fixed_s, pipeline_s),
+        "train_images_per_s": batch_size * steps / statistics.median(pipeline_s),
     }
 
 
@@ -232,12 +375,34 @@ def main(argv: list[str] | None = None) -> None:
         default=3,
         help="untimed training steps before those (default: %(default)s)",
     )
+    parser.add_argument(
+        "--model",
+        default=MODEL,
+        help="model of the data-wait training loop (default: %(default)s; the GPU figure uses "
+        "wrn16_8)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_common.positive_int,
+        default=BATCH_SIZE,
+        help="batch of every pipeline (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--amp",
+        choices=("off", "bf16"),
+        action="append",
+        default=None,
+        help="autocast of the data-wait training loop (default: off); repeat for several",
+    )
+    _common.add_name_argument(parser, "pipeline")
     _common.add_common_arguments(parser, repeats=3, warmup=1)
     args = parser.parse_args(argv)
     device = _common.setup(parser, args)
-    if device.type != "cpu":
-        parser.error("this benchmark compares CPU input pipelines; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: expected a CPU or CUDA device")
     workers = args.workers if args.workers is not None else [0, 2]
+    amps = list(dict.fromkeys(args.amp or ["off"]))
+    batch_size = args.batch_size
 
     if args.dataset.lower().startswith("npz:") and not os.path.isfile(args.dataset[4:]):
         print(f"error: dataset file not found: {args.dataset[4:]}", file=sys.stderr)
@@ -258,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
             BatchLoader(
                 data.x_train,
                 data.y_train,
-                batch_size=BATCH_SIZE,
+                batch_size=batch_size,
                 mean=data.mean,
                 std=data.std,
                 train=True,
@@ -266,19 +431,30 @@ def main(argv: list[str] | None = None) -> None:
                 hflip=True,
                 cutout=CUTOUT,
                 device=device,
-            )
+            ),
+            device,
         )
     }
     for count in workers:
-        pipelines[f"DataLoader W={count}"] = Pipeline(
-            make_dataloader(images_hwc, labels_np, data.mean, data.std, count)
+        loader = make_dataloader(
+            images_hwc,
+            labels_np,
+            data.mean,
+            data.std,
+            count,
+            batch_size=batch_size,
+            pin_memory=device.type == "cuda",
         )
+        pipelines[f"DataLoader W={count}"] = Pipeline(loader, device)
     names = list(pipelines)
 
     # The very first batch of each pipeline: includes starting the workers when W > 0.
     cold = {name: pipelines[name].cold_first_batch() for name in names}
     samples = _common.time_interleaved(
-        {name: pipelines[name].run_epoch for name in names}, args.repeats, args.warmup
+        {name: pipelines[name].run_epoch for name in names},
+        args.repeats,
+        args.warmup,
+        _common.synchronizer(device),
     )
     images = {name: pipelines[name].images_per_epoch for name in names}
     rates = {name: [images[name] / s for s in samples[name]] for name in names}
@@ -327,24 +503,44 @@ def main(argv: list[str] | None = None) -> None:
         speedup_rows.append([f"{base_name} / {name}", f"{of_medians:.1f}x", f"{paired:.1f}x"])
 
     torch.manual_seed(0)
-    base = create_model(MODEL, num_classes=data.num_classes, in_channels=c)
+    base = create_model(args.model, num_classes=data.num_classes, in_channels=c)
     waits: dict[str, Any] = {}
     wait_rows = []
-    for name in names:
-        result = measure_data_wait(pipelines[name], base, args.train_steps, args.train_warmup)
-        waits[name] = result
-        wait_rows.append(
-            [
-                name,
-                _common.milliseconds(statistics.median(result["fetch_s"])),
-                _common.milliseconds(statistics.median(result["step_s"])),
-                f"{result['wait_share']:.1%}",
-                f"{result['train_images_per_s']:,.0f}",
-            ]
-        )
+    gpu_wait_rows = []
+    for amp in amps:
+        for name in names:
+            result = measure_data_wait(
+                pipelines[name], base, args.train_steps, args.train_warmup, amp, args.repeats
+            )
+            result["amp"] = amp
+            waits[name if amp == "off" else f"{name} amp={amp}"] = result
+            wait_rows.append(
+                [
+                    name if len(amps) == 1 else f"{name}, amp {amp}",
+                    _common.milliseconds(statistics.median(result["fetch_s"])),
+                    _common.milliseconds(statistics.median(result["step_s"])),
+                    f"{result['wait_share']:.1%}",
+                    f"{result['train_images_per_s']:,.0f}",
+                ]
+            )
+            if "cuda_events" in result:
+                events, end_to_end = result["cuda_events"], result["end_to_end"]
+                paired_share = end_to_end["median_paired_wait_share"]
+                gpu_wait_rows.append(
+                    [
+                        name,
+                        amp,
+                        f"{statistics.median(events['fetch_ms']):.3f}",
+                        f"{statistics.median(events['step_ms']):.2f}",
+                        f"{events['wait_share']:.1%}",
+                        f"{end_to_end['wait_share']:.1%} ({paired_share:.1%})",
+                        f"{result['wait_share']:.1%}",
+                        f"{end_to_end['train_images_per_s']:,.0f}",
+                    ]
+                )
 
     tables = [
-        f"Dataset `{args.dataset}`: {n} training images {c}x{h}x{w}; batch {BATCH_SIZE}, "
+        f"Dataset `{args.dataset}`: {n} training images {c}x{h}x{w}; batch {batch_size}, "
         f"drop_last, {images[base_name]} images per epoch. Augmentation: crop padding "
         f"{CROP_PADDING}, horizontal flip, Cutout {CUTOUT} (p 0.5). {args.repeats} timed epochs "
         f"per variant after {args.warmup} warm-up epoch(s), interleaved.",
@@ -362,13 +558,33 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "Speedup in images/s: ratio of medians, median of per-round paired ratios.",
         _common.markdown_table(["ratio", "of medians", "paired"], speedup_rows),
-        f"Data-wait share of a training step: `{MODEL}`, SGD, {args.train_steps} timed steps "
-        f"after {args.train_warmup} untimed; fetch = `next(iterator)`.",
+        f"Data-wait share of a training step: `{args.model}`, SGD, {args.train_steps} timed "
+        f"steps after {args.train_warmup} untimed; fetch = `next(iterator)`"
+        + ("." if device.type == "cpu" else ", device synchronized before each clock reading."),
         _common.markdown_table(
             ["pipeline", "median fetch ms", "median step ms", "wait share", "train images/s"],
             wait_rows,
         ),
     ]
+    if gpu_wait_rows:
+        tables += [
+            f"Data-wait share on the GPU, three ways (see notes): `{args.model}`, SGD, batch "
+            f"{batch_size}, {args.train_steps} steps per measurement; end to end: ratio of "
+            f"medians of {args.repeats} interleaved rounds (median of paired ratios).",
+            _common.markdown_table(
+                [
+                    "pipeline",
+                    "amp",
+                    "median fetch ms (events)",
+                    "median step ms (events)",
+                    "share (CUDA events)",
+                    "share (end to end)",
+                    "share (synchronized)",
+                    "train images/s (end to end)",
+                ],
+                gpu_wait_rows,
+            ),
+        ]
     notes = (
         "BatchLoader: batched tensor ops over the whole batch (index, crop, flip, normalise, "
         "Cutout). DataLoader: per-image PIL `RandomCrop`/`RandomHorizontalFlip`, `ToTensor`, "
@@ -377,13 +593,22 @@ def main(argv: list[str] | None = None) -> None:
         "first epoch before any warm-up) and not in the timed epochs. Wait share = total fetch "
         "time / total step time."
     )
+    if device.type == "cuda":
+        notes += (
+            " On CUDA the DataLoader batches are pinned and copied with `non_blocking=True`. "
+            "Shares: CUDA events = GPU-stream time from before `next()` to after it, over the "
+            "time to the end of the step, no host sync in the loop (what the pipelined training "
+            "loop sees); end to end = 1 - (loop fed one fixed batch) / (loop fed by the "
+            "pipeline), wall clock; synchronized = host clock with `torch.cuda.synchronize()` "
+            "around `next()` and the step (serialised, an upper bound)."
+        )
     config = {
         "dataset": args.dataset,
         "train_images": n,
         "image_shape": [c, h, w],
         "mean": list(data.mean),
         "std": list(data.std),
-        "batch_size": BATCH_SIZE,
+        "batch_size": batch_size,
         "crop_padding": CROP_PADDING,
         "hflip": True,
         "cutout": CUTOUT,
@@ -392,13 +617,14 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": args.warmup,
         "train_steps": args.train_steps,
         "train_warmup": args.train_warmup,
-        "model": MODEL,
+        "model": args.model,
+        "amp": amps[0] if len(amps) == 1 else amps,
         "sgd": SGD_KWARGS,
         "threads": args.threads,
         "device": str(device),
     }
     text = _common.write_results(
-        "pipeline",
+        args.name,
         rows,
         "\n\n".join(tables),
         args.out_dir,

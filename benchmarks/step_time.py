@@ -4,7 +4,23 @@ Rerun the reported measurement from the repository root with:
 
     .venv/bin/python benchmarks/step_time.py --model wrn16_4 --batch-size 128 --repeats 10
 
-(``--model`` may be given several times, ``--device cuda --amp bf16`` for a GPU.)
+(``--model`` may be given several times, as ``NAME:BATCH`` for a batch size of its own;
+``--device cuda --amp bf16`` for a GPU.) On a GPU, one invocation sweeps models, precision,
+compilation and memory layout (``benchmarks/gpu/run_all.sh``)::
+
+    python benchmarks/step_time.py --device cuda --model wrn28_10:256 \\
+        --model pyramidnet272_200:64 --setting fp32 --setting bf16 --setting bf16+channels-last \\
+        --setting bf16+compile --name step_time-gpu
+
+Settings (``--setting``, repeatable; or ``--matrix`` for all eight; or the single-setting flags
+``--amp``, ``--compile``, ``--channels-last``): ``+``-joined parts, one of ``fp32``/``bf16``
+(autocast to bfloat16 around each forward pass and its loss, as ``aace train --amp bf16``), one
+of ``eager``/``compile`` (``torch.compile`` of each variant's model with the default mode, as
+``aace train --compile``), one of ``contiguous``/``channels-last`` (model and batch in
+``torch.channels_last``). ``fp32`` on an NVIDIA GPU means PyTorch's defaults: cuDNN convolutions
+may use TF32 (``torch.backends.cudnn.allow_tf32``, recorded in the JSON). With ``compile`` the
+first call of each variant compiles (minutes for PyramidNet-272: it is reported as "first step
+s" and is not in the timings); the warm-up rounds then run compiled code.
 
 Variants, each with its own copy of the same initial model and its own optimizer (SGD with
 lr 0.1, momentum 0.9, weight decay 5e-4 as the base), all on the same random CIFAR-shaped batch
@@ -27,6 +43,14 @@ every variant, so machine-load changes hit all variants alike. Ratios are given 
 ratio of medians and as the median of the per-repetition ratios. On CUDA the clock is read
 after ``torch.cuda.synchronize()``.
 
+Also reported per model and setting: images/s (batch / median step time) and, on CUDA, each
+variant's peak memory: its own footprint as if it ran alone, i.e. the bytes of its model's
+parameters and buffers and its optimizer's state (exact, from the tensors) plus the peak of
+``torch.cuda.max_memory_allocated`` above ``torch.cuda.memory_allocated`` during one step (peak
+statistics reset before it), so the other variants' resident models do not count. On the CPU
+the peak is n/a. The result files are rewritten after every (setting, model) block, so a run
+cut off by a time limit keeps what it finished.
+
 ``--profile`` adds a per-phase breakdown of the SAM+AACE step (first pass, ``first_step``,
 second pass, ``second_step``) and the most expensive operators of ``first_step`` and
 ``second_step`` from ``torch.profiler``.
@@ -36,10 +60,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import itertools
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import _common
@@ -54,6 +81,58 @@ NUM_CLASSES = 10
 SGD_KWARGS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 VARIANTS = ("SGD", "SAM", "SAM+AACE", "LoopSAM")
 Autocast = Callable[[], AbstractContextManager[Any]]
+Forward = Callable[[torch.Tensor], torch.Tensor]
+_SETTING_PARTS = {
+    "fp32": ("amp", "off"),
+    "bf16": ("amp", "bf16"),
+    "eager": ("compile", False),
+    "compile": ("compile", True),
+    "contiguous": ("channels_last", False),
+    "channels-last": ("channels_last", True),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a step runs: autocast precision, ``torch.compile`` or not, memory layout."""
+
+    amp: str = "off"  # "off" (fp32) or "bf16"
+    compile: bool = False
+    channels_last: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = ["bf16" if self.amp == "bf16" else "fp32"]
+        parts += ["compile"] if self.compile else []
+        parts += ["channels-last"] if self.channels_last else []
+        return "+".join(parts)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def parse_setting(text: str) -> Setting:
+    """``bf16+compile+channels-last`` -> Setting; omitted parts take fp32, eager, contiguous."""
+    values: dict[str, Any] = {}
+    for part in text.lower().split("+"):
+        if part not in _SETTING_PARTS:
+            raise argparse.ArgumentTypeError(
+                f"unknown part {part!r} in {text!r}; expected '+'-joined parts, at most one of "
+                "each pair fp32|bf16, eager|compile, contiguous|channels-last (e.g. "
+                "bf16+compile+channels-last)"
+            )
+        field, value = _SETTING_PARTS[part]
+        if field in values and values[field] != value:
+            raise argparse.ArgumentTypeError(f"{text!r} sets {field} twice")
+        values[field] = value
+    return Setting(**values)
+
+
+def matrix_settings() -> list[Setting]:
+    """All eight settings, the eager ones first (they finish fast; compiling takes minutes)."""
+    combos = itertools.product((False, True), ("off", "bf16"), (False, True))
+    return [Setting(amp, compile, layout) for compile, amp, layout in combos]
 
 
 class LoopSAM(torch.optim.Optimizer):
@@ -115,12 +194,16 @@ class LoopSAM(torch.optim.Optimizer):
             self.zero_grad()
 
 
-def _sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Autocast):
-    opt = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
-
+def _sgd_step(
+    forward: Forward,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: Autocast,
+):
     def step() -> None:
         with autocast():
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -130,6 +213,7 @@ def _sgd_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Auto
 
 def _sam_step(
     model: nn.Module,
+    forward: Forward,
     opt: SAM | LoopSAM | _Labelled,
     first_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -137,17 +221,21 @@ def _sam_step(
     autocast: Autocast,
     phase_done: Callable[[str], None] = lambda phase: None,
 ):
-    """The documented two-pass SAM step; ``phase_done(name)`` is called after each phase."""
+    """The documented two-pass SAM step; ``phase_done(name)`` is called after each phase.
+
+    ``forward`` is ``model`` or its compiled wrapper; the BatchNorm flags that
+    ``frozen_batchnorm_stats`` flips are the model's own either way.
+    """
 
     def step() -> None:
         with autocast():
-            loss = first_loss(model(x), y)
+            loss = first_loss(forward(x), y)
         loss.backward()
         phase_done("first pass (forward + backward)")
         opt.first_step(zero_grad=True)
         phase_done("SAM.first_step")
         with frozen_batchnorm_stats(model), autocast():
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
         loss.backward()
         phase_done("second pass (forward + backward)")
         opt.second_step(zero_grad=True)
@@ -156,26 +244,34 @@ def _sam_step(
     return step
 
 
+def _optimizer(variant: str, model: nn.Module) -> torch.optim.Optimizer:
+    if variant == "SGD":
+        return torch.optim.SGD(model.parameters(), **SGD_KWARGS)
+    if variant == "SAM":
+        return SAM(model.parameters(), torch.optim.SGD, rho=0.05, **SGD_KWARGS)
+    if variant == "SAM+AACE":
+        return SAM(model.parameters(), torch.optim.SGD, rho=0.2, perturbation="aace", **SGD_KWARGS)
+    if variant == "LoopSAM":
+        return LoopSAM(model.parameters(), torch.optim.SGD, rho=0.05, **SGD_KWARGS)
+    raise ValueError(f"variant: got {variant!r}; expected one of {', '.join(VARIANTS)}")
+
+
+def _forward(model: nn.Module, compile: bool) -> Forward:
+    return torch.compile(model) if compile else model
+
+
 def build_variants(
-    base: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Autocast
-) -> tuple[dict[str, Callable[[], None]], dict[str, nn.Module]]:
+    base: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Autocast, compile: bool = False
+) -> tuple[dict[str, Callable[[], None]], dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
+    """One step function per variant, each with its own copy of ``base`` and optimizer."""
     models = {name: copy.deepcopy(base) for name in VARIANTS}
-    sam = SAM(models["SAM"].parameters(), torch.optim.SGD, rho=0.05, **SGD_KWARGS)
-    sam_aace = SAM(
-        models["SAM+AACE"].parameters(),
-        torch.optim.SGD,
-        rho=0.2,
-        perturbation="aace",
-        **SGD_KWARGS,
-    )
-    loop_sam = LoopSAM(models["LoopSAM"].parameters(), torch.optim.SGD, rho=0.05, **SGD_KWARGS)
-    steps = {
-        "SGD": _sgd_step(models["SGD"], x, y, autocast),
-        "SAM": _sam_step(models["SAM"], sam, F.cross_entropy, x, y, autocast),
-        "SAM+AACE": _sam_step(models["SAM+AACE"], sam_aace, aace_loss, x, y, autocast),
-        "LoopSAM": _sam_step(models["LoopSAM"], loop_sam, F.cross_entropy, x, y, autocast),
-    }
-    return steps, models
+    opts = {name: _optimizer(name, models[name]) for name in VARIANTS}
+    forwards = {name: _forward(models[name], compile) for name in VARIANTS}
+    first_loss = {"SAM": F.cross_entropy, "SAM+AACE": aace_loss, "LoopSAM": F.cross_entropy}
+    steps = {"SGD": _sgd_step(forwards["SGD"], opts["SGD"], x, y, autocast)}
+    for name, loss in first_loss.items():
+        steps[name] = _sam_step(models[name], forwards[name], opts[name], loss, x, y, autocast)
+    return steps, models, opts
 
 
 class _Labelled:
@@ -249,13 +345,15 @@ def profile_sam_aace(
     device: torch.device,
     repeats: int,
     warmup: int,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Median seconds of each phase of the SAM+AACE step, and the operators that
     ``SAM.first_step`` and ``SAM.second_step`` spend their time in (``torch.profiler``)."""
     model = copy.deepcopy(base)
+    forward = _forward(model, compile)
     opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, perturbation="aace", **SGD_KWARGS)
     clock = _PhaseClock(_common.synchronizer(device))
-    step = _sam_step(model, opt, aace_loss, x, y, autocast, clock)
+    step = _sam_step(model, forward, opt, aace_loss, x, y, autocast, clock)
     for round_index in range(warmup + repeats):
         if round_index == warmup:
             clock.seconds.clear()
@@ -267,7 +365,7 @@ def profile_sam_aace(
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     profiled_steps = min(repeats, 5)
-    profiled = _sam_step(model, _Labelled(opt), aace_loss, x, y, autocast)
+    profiled = _sam_step(model, forward, _Labelled(opt), aace_loss, x, y, autocast)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(profiled_steps):
             profiled()
@@ -284,103 +382,280 @@ def _format_ratio(of_medians: float, paired: float) -> str:
     return f"{of_medians:.3f} ({paired:.3f})"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_model_arguments(parser)
-    parser.add_argument(
-        "--amp",
-        choices=("off", "bf16"),
-        default="off",
-        help="bf16 autocast for the forward passes; CUDA only (default: off)",
-    )
-    parser.add_argument(
-        "--profile",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="also break the SAM+AACE step into phases and list its top operators",
-    )
-    _common.add_common_arguments(parser, repeats=20, warmup=3)
-    args = parser.parse_args(argv)
-    device = _common.setup(parser, args)
-    if args.amp != "off" and device.type != "cuda":
-        parser.error(f"--amp {args.amp} is for CUDA devices; got --device {args.device}")
-    models = args.model or ["wrn16_4"]
+RATIO_PAIRS = {
+    "SAM / (2 x SGD)": ("SAM", "SGD", 2.0),
+    "SAM+AACE / (2 x SGD)": ("SAM+AACE", "SGD", 2.0),
+    "LoopSAM / SAM+AACE": ("LoopSAM", "SAM+AACE", 1.0),
+    "LoopSAM / SAM": ("LoopSAM", "SAM", 1.0),
+}
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def footprint_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Bytes a variant keeps between steps: parameters, buffers and optimizer state (for SAM
+    and LoopSAM also their base optimizer's), each storage counted once (LoopSAM's saved
+    weights become the parameters' storage). Gradients are freed by ``zero_grad``."""
+    tensors = list(model.parameters()) + list(model.buffers()) + _tensors(opt.state)
+    base = getattr(opt, "base_optimizer", None)
+    if base is not None and base is not opt:
+        tensors += _tensors(base.state)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
+    """Peak of ``torch.cuda.max_memory_allocated`` during one ``step()`` above the memory
+    allocated just before it (activations, gradients, temporaries)."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _raise_compile_limits() -> None:
+    """Each variant compiles its own model instance, and SAM's second pass flips BatchNorm
+    flags (a guard, hence a second graph): more cache entries than dynamo's default limit of 8,
+    beyond which it would silently fall back to eager code."""
+    import torch._dynamo.config as dynamo_config
+
+    for name, floor in (
+        ("recompile_limit", 64),
+        ("cache_size_limit", 64),
+        ("accumulated_recompile_limit", 512),
+        ("accumulated_cache_size_limit", 512),
+    ):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), floor))
+
+
+def _dynamo_counters() -> dict[str, dict[str, int]]:
+    """Dynamo's own counts (graphs, graph breaks, recompiles) since the last reset."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles")}
+
+
+def _clear_dynamo_counters() -> None:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return
+    counters.clear()
+
+
+def parse_model(text: str, default_batch: int) -> tuple[str, int]:
+    """``NAME`` or ``NAME:BATCH`` (a model with its own batch size) -> (name, batch)."""
+    name, _, batch = text.partition(":")
+    if not batch:
+        return name, default_batch
+    try:
+        return name, _common.positive_int(batch)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise ValueError(
+            f"--model {text!r}: expected NAME or NAME:BATCH with BATCH an integer >= 1"
+        ) from None
+
+
+def measure_block(
+    model_name: str,
+    batch_size: int,
+    setting: Setting,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Time every variant of one (model, setting); on CUDA also their peak memory."""
+    if setting.compile:
+        import torch._dynamo as dynamo  # binds dynamo only, not a function-local torch
+
+        dynamo.reset()  # no cache entries of the previous setting count against limits
+        _clear_dynamo_counters()
+    torch.manual_seed(0)
+    base = create_model(model_name, num_classes=NUM_CLASSES, in_channels=3).to(device).train()
+    base = base.to(memory_format=setting.memory_format)
+    n_params = sum(p.numel() for p in base.parameters())
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    x = x.contiguous(memory_format=setting.memory_format)
+    y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
 
     def autocast() -> AbstractContextManager[Any]:
-        if args.amp == "bf16":
+        if setting.amp == "bf16":
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    steps, models, opts = build_variants(base, x, y, autocast, setting.compile)
+    synchronize = _common.synchronizer(device)
+    # The first call pays the lazy set-up: cuDNN plans, and with compile the compilation.
+    first_step_s = {}
+    for name in VARIANTS:
+        synchronize()
+        start = time.perf_counter()
+        steps[name]()
+        synchronize()
+        first_step_s[name] = time.perf_counter() - start
+    samples = _common.time_interleaved(steps, args.repeats, args.warmup, synchronize)
+    peak: dict[str, int | None] = dict.fromkeys(VARIANTS)
+    if device.type == "cuda":
+        for name in VARIANTS:
+            transient = step_peak_bytes(steps[name], device)
+            peak[name] = footprint_bytes(models[name], opts[name]) + transient
+    finite = {
+        name: all(bool(torch.isfinite(p).all()) for p in models[name].parameters())
+        for name in VARIANTS
+    }
+    block: dict[str, Any] = {
+        "model": model_name,
+        "batch_size": batch_size,
+        "setting": setting,
+        "parameters": n_params,
+        "samples": samples,
+        "first_step_s": first_step_s,
+        "peak_bytes": peak,
+        "finite": finite,
+    }
+    if setting.compile:
+        block["dynamo"] = _dynamo_counters()
+    if args.profile:
+        block["profile"] = profile_sam_aace(
+            base,
+            x,
+            y,
+            autocast,
+            device,
+            max(3, args.repeats // 2),
+            args.warmup,
+            setting.compile,
+        )
+    del steps, models, opts, base
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return block
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:,.0f}"
+
+
+def _batches(blocks: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    sizes = dict.fromkeys(f"{b['batch_size']} ({b['model']})" for b in blocks)
+    if all(b["batch_size"] == args.batch_size for b in blocks):
+        return str(args.batch_size)
+    return ", ".join(sizes)
+
+
+def write_blocks(
+    blocks: list[dict[str, Any]],
+    planned: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    settings: list[Setting],
+    models: list[str],
+) -> str:
+    """Rows, ratios and tables of the finished blocks; rewrites the result files."""
     rows: list[dict[str, Any]] = []
     ratios: list[dict[str, Any]] = []
     profiles: dict[str, Any] = {}
-    step_rows, ratio_rows, phase_rows, op_rows = [], [], [], []
-    for model_name in models:
-        torch.manual_seed(0)
-        base = create_model(model_name, num_classes=NUM_CLASSES, in_channels=3).to(device).train()
-        n_params = sum(p.numel() for p in base.parameters())
-        x = torch.randn(args.batch_size, 3, 32, 32, device=device)
-        y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
-        steps, variant_models = build_variants(base, x, y, autocast)
-        samples = _common.time_interleaved(
-            steps, args.repeats, args.warmup, _common.synchronizer(device)
-        )
+    summary_rows, step_rows, ratio_rows, phase_rows, op_rows = [], [], [], [], []
+    for block in blocks:
+        model_name, setting, samples = block["model"], block["setting"], block["samples"]
+        batch = block["batch_size"]
+        label = setting.label
         summaries = {name: _common.summarize(samples[name]) for name in VARIANTS}
+        median = {name: summaries[name]["median"] for name in VARIANTS}
+        peak = block["peak_bytes"]
         for name in VARIANTS:
-            finite = all(bool(torch.isfinite(p).all()) for p in variant_models[name].parameters())
+            s = summaries[name]
             rows.append(
                 {
                     "model": model_name,
-                    "parameters": n_params,
+                    "parameters": block["parameters"],
                     "variant": name,
-                    "seconds": summaries[name],
+                    "setting": label,
+                    **asdict(setting),
+                    "batch_size": batch,
+                    "seconds": s,
                     "samples_s": samples[name],
-                    "weights_finite_after": finite,
+                    "images_per_s": batch / s["median"],
+                    "first_step_s": block["first_step_s"][name],
+                    "peak_bytes": peak[name],
+                    "peak_over_sgd": (
+                        None if peak[name] is None else peak[name] / peak["SGD"]  # type: ignore[operator]
+                    ),
+                    "weights_finite_after": block["finite"][name],
                 }
             )
-            s = summaries[name]
             step_rows.append(
                 [
                     model_name,
+                    label,
                     name,
                     _common.milliseconds(s["median"]),
                     f"{_common.milliseconds(s['q1'])}-{_common.milliseconds(s['q3'])}",
                     f"{_common.milliseconds(s['min'])}-{_common.milliseconds(s['max'])}",
+                    f"{batch / s['median']:,.0f}",
+                    _mib(peak[name]),
+                    f"{block['first_step_s'][name]:.2f}",
                     s["n"],
                 ]
             )
-        median = {name: summaries[name]["median"] for name in VARIANTS}
-        pairs = {
-            "SAM / (2 x SGD)": ("SAM", "SGD", 2.0),
-            "SAM+AACE / (2 x SGD)": ("SAM+AACE", "SGD", 2.0),
-            "LoopSAM / SAM+AACE": ("LoopSAM", "SAM+AACE", 1.0),
-            "LoopSAM / SAM": ("LoopSAM", "SAM", 1.0),
-        }
-        model_ratios: dict[str, Any] = {"model": model_name}
-        cells = [model_name]
-        for label, (num, den, scale) in pairs.items():
+        block_ratios: dict[str, Any] = {"model": model_name, "setting": label}
+        cells = [model_name, label]
+        for pair, (num, den, scale) in RATIO_PAIRS.items():
             of_medians = median[num] / (scale * median[den])
             paired = _common.paired_ratio(samples[num], samples[den], scale)
-            model_ratios[label] = {"ratio_of_medians": of_medians, "median_paired_ratio": paired}
+            block_ratios[pair] = {"ratio_of_medians": of_medians, "median_paired_ratio": paired}
             cells.append(_format_ratio(of_medians, paired))
-        ratios.append(model_ratios)
+        ratios.append(block_ratios)
         ratio_rows.append(cells)
-
-        if args.profile:
-            profile = profile_sam_aace(
-                base, x, y, autocast, device, max(3, args.repeats // 2), args.warmup
-            )
-            profiles[model_name] = profile
+        aace_over_sgd = block_ratios["SAM+AACE / (2 x SGD)"]["ratio_of_medians"]
+        loop_over_aace = block_ratios["LoopSAM / SAM+AACE"]["ratio_of_medians"]
+        peak_ratio = "n/a" if peak["SGD"] is None else f"{peak['SAM+AACE'] / peak['SGD']:.2f}"
+        summary_rows.append(
+            [
+                model_name,
+                label,
+                _common.milliseconds(median["SGD"]),
+                _common.milliseconds(median["SAM+AACE"]),
+                f"{batch / median['SAM+AACE']:,.0f}",
+                f"{aace_over_sgd:.3f}",
+                f"{loop_over_aace:.3f}",
+                peak_ratio,
+                f"{max(block['first_step_s'].values()):.1f}",
+            ]
+        )
+        if "profile" in block:
+            profile = block["profile"]
+            profiles[f"{model_name} {label}"] = profile
             total = sum(profile["phase_median_s"].values())
             for phase, seconds in profile["phase_median_s"].items():
                 phase_rows.append(
-                    [model_name, phase, _common.milliseconds(seconds), f"{seconds / total:.1%}"]
+                    [
+                        model_name,
+                        label,
+                        phase,
+                        _common.milliseconds(seconds),
+                        f"{seconds / total:.1%}",
+                    ]
                 )
             for call, ops in profile["top_operators"].items():
                 for op in ops[:6]:
                     op_rows.append(
                         [
                             model_name,
+                            label,
                             call,
                             op["operator"],
                             f"{op['calls_per_step']:g}",
@@ -389,23 +664,59 @@ def main(argv: list[str] | None = None) -> None:
                         ]
                     )
 
+    done = f"{len(blocks)} of {planned} (setting, model) blocks"
+    header = (
+        f"Batch {_batches(blocks, args)}; {args.repeats} timed repetitions after one first step "
+        f"and {args.warmup} warm-up rounds. Milliseconds per step; images/s = batch / median."
+    )
+    if len(blocks) < planned:
+        header = f"**Partial: {done} finished** (cut off or still running). " + header
     tables = [
-        f"Batch {args.batch_size}, {args.repeats} timed repetitions after {args.warmup} warm-up "
-        f"rounds, amp {args.amp}. Milliseconds per step.",
+        header,
+        "Summary (ratios of medians; peak = the variant's own footprint, see notes; first step "
+        "= the slowest variant's first call, which includes compilation):",
         _common.markdown_table(
-            ["model", "variant", "median ms", "IQR ms", "min-max ms", "n"], step_rows
+            [
+                "model",
+                "setting",
+                "SGD ms",
+                "SAM+AACE ms",
+                "SAM+AACE images/s",
+                "SAM+AACE / (2 x SGD)",
+                "LoopSAM / SAM+AACE",
+                "peak SAM+AACE / SGD",
+                "first step s",
+            ],
+            summary_rows,
+        ),
+        "Every variant:",
+        _common.markdown_table(
+            [
+                "model",
+                "setting",
+                "variant",
+                "median ms",
+                "IQR ms",
+                "min-max ms",
+                "images/s",
+                "peak MiB",
+                "first step s",
+                "n",
+            ],
+            step_rows,
         ),
         "Ratios: ratio of medians (median of per-repetition ratios).",
-        _common.markdown_table(["model", *pairs], ratio_rows),
+        _common.markdown_table(["model", "setting", *RATIO_PAIRS], ratio_rows),
     ]
     if phase_rows:
         tables += [
             "SAM+AACE step by phase (medians of separately timed phases):",
-            _common.markdown_table(["model", "phase", "median ms", "share"], phase_rows),
+            _common.markdown_table(["model", "setting", "phase", "median ms", "share"], phase_rows),
             "Top operators inside the SAM calls of the SAM+AACE step (torch.profiler, self time "
             "per step):",
             _common.markdown_table(
-                ["model", "call", "operator", "calls", "self CPU ms", "self device ms"], op_rows
+                ["model", "setting", "call", "operator", "calls", "self CPU ms", "self device ms"],
+                op_rows,
             ),
         ]
     notes = (
@@ -413,24 +724,39 @@ def main(argv: list[str] | None = None) -> None:
         'rho 0.2, `perturbation="aace"`, AACE loss in the first pass. LoopSAM: per-parameter '
         "loop in the style of davda54/sam (rho 0.05, CE). All SAM variants use "
         "`frozen_batchnorm_stats` in the second pass; base optimizer SGD(lr 0.1, momentum 0.9, "
-        "weight decay 5e-4); random data, 10 classes."
+        "weight decay 5e-4); random data, 10 classes. Settings: fp32/bf16 = no autocast / "
+        "bf16 autocast of the forward passes and losses; compile = `torch.compile(model)` "
+        "(default mode) per variant; channels-last = model and batch in `torch.channels_last`. "
+        "Peak (CUDA only, n/a elsewhere): the variant's parameters, buffers and optimizer state "
+        "plus the peak allocated above the pre-step level during one step "
+        "(`torch.cuda.max_memory_allocated`, reset before it). Goals: SAM+AACE / (2 x SGD) "
+        "<= 1.03 (the optimizer's own work is negligible next to the two passes) and "
+        "LoopSAM / SAM+AACE >= 1.0 (no slower than the per-parameter loop)."
     )
+    amps = sorted({s.amp for s in settings})
     config = {
         "models": models,
         "batch_size": args.batch_size,
+        "batch_sizes": {b["model"]: b["batch_size"] for b in blocks},
         "repeats": args.repeats,
         "warmup": args.warmup,
         "device": str(device),
-        "amp": args.amp,
+        "amp": amps[0] if len(amps) == 1 else amps,
+        "settings": [dict(asdict(s), label=s.label) for s in settings],
         "threads": args.threads,
         "sgd": SGD_KWARGS,
         "profile": args.profile,
+        "blocks_finished": len(blocks),
+        "blocks_planned": planned,
     }
     extra: dict[str, Any] = {"ratios": ratios}
     if profiles:
         extra["profiles"] = profiles
-    text = _common.write_results(
-        "step_time",
+    dynamo = {f"{b['model']} {b['setting'].label}": b["dynamo"] for b in blocks if "dynamo" in b}
+    if dynamo:
+        extra["dynamo_counters"] = dynamo
+    return _common.write_results(
+        args.name,
         rows,
         "\n\n".join(tables),
         args.out_dir,
@@ -439,6 +765,91 @@ def main(argv: list[str] | None = None) -> None:
         extra=extra,
         notes=notes,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _common.add_model_arguments(parser)  # here NAME or NAME:BATCH, e.g. pyramidnet272_200:64
+    parser.add_argument(
+        "--amp",
+        choices=("off", "bf16"),
+        action="append",
+        default=None,
+        help="bf16 autocast for the forward passes (default: off); repeat for several",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile each variant's model (the first call compiles; default: off)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="model and batch in torch.channels_last (default: off)",
+    )
+    parser.add_argument(
+        "--setting",
+        type=parse_setting,
+        action="append",
+        default=None,
+        metavar="SPEC",
+        help="a '+'-joined setting such as fp32, bf16+channels-last, bf16+compile; repeat for "
+        "several; replaces --amp/--compile/--channels-last",
+    )
+    parser.add_argument(
+        "--matrix",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="all eight settings: fp32|bf16 x eager|compile x contiguous|channels-last",
+    )
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also break the SAM+AACE step into phases and list its top operators",
+    )
+    parser.add_argument(
+        "--outer",
+        choices=("settings", "models"),
+        default="settings",
+        help="the outer loop: settings (every model's eager settings finish before the first "
+        "compilation) or models (one model's settings, then the next); default: %(default)s",
+    )
+    _common.add_name_argument(parser, "step_time")
+    _common.add_common_arguments(parser, repeats=20, warmup=3)
+    args = parser.parse_args(argv)
+    device = _common.setup(parser, args)
+    if args.matrix and args.setting:
+        parser.error("--matrix and --setting: give one of them")
+    if args.matrix:
+        settings = matrix_settings()
+    elif args.setting:
+        settings = list(dict.fromkeys(args.setting))
+    else:
+        amps = list(dict.fromkeys(args.amp or ["off"]))
+        settings = [Setting(amp, args.compile, args.channels_last) for amp in amps]
+    if any(s.compile for s in settings):
+        _raise_compile_limits()
+    try:
+        model_batches = [parse_model(m, args.batch_size) for m in args.model or ["wrn16_4"]]
+    except ValueError as error:
+        parser.error(str(error))
+    models = [name for name, _ in model_batches]
+
+    # Settings outside, models inside by default: with --matrix the fast eager settings of
+    # every model finish before the first compilation starts.
+    if args.outer == "settings":
+        planned = [(setting, model) for setting in settings for model in model_batches]
+    else:
+        planned = [(setting, model) for model in model_batches for setting in settings]
+    blocks: list[dict[str, Any]] = []
+    text = ""
+    for setting, (model_name, batch_size) in planned:
+        print(f"== {model_name} batch {batch_size} {setting.label}", flush=True)
+        blocks.append(measure_block(model_name, batch_size, setting, args, device))
+        text = write_blocks(blocks, len(planned), args, device, settings, models)
     print(text)
 
 
