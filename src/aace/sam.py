@@ -19,7 +19,6 @@ Which loss produced g is the caller's choice: this optimizer only reads ``.grad`
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -122,28 +121,38 @@ class SAM(Optimizer):
         self.perturbation_norm: torch.Tensor | None = None
         self.perturbation_cosine: torch.Tensor | None = None
         self._previous_norm: torch.Tensor | None = None
+        # (parameter, alias of its unperturbed memory) while perturbed, see first_step.
+        self._swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- the two steps -----------------------------------------------------------------------
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a gradient from w to w + e, saving w exactly.
+        """Move every parameter with a gradient from w to w + e, keeping w untouched.
 
-        With ``zero_grad=True`` the gradients are consumed (scaled in place into e, then set to
-        None), which saves a parameter-sized temporary; otherwise ``.grad`` is left untouched.
+        w + e is written into a separate buffer and the parameter is pointed at it
+        (``Tensor.set_`` under ``no_grad``: the same tensor object, hence the same autograd leaf,
+        ``.grad``, optimizer state and DDP hooks, with other memory); :meth:`restore` points it
+        back at w's memory, which nobody wrote. With ``zero_grad=True`` that buffer is the
+        gradient's own memory (e is formed in place, then w added), so the step allocates
+        nothing and makes two passes over parameter-sized memory (scale, add) where
+        copy-then-add-then-copy-back makes four. ``zero_grad=False`` leaves ``.grad`` untouched
+        (one gradient-sized copy more).
+
+        Anything that holds the parameter's old memory directly (a view of it taken before
+        ``first_step``, a CUDA graph recorded on its address) keeps seeing w, not w + e.
         """
+        if self._swapped:
+            raise RuntimeError("first_step() called twice without second_step() in between")
         buckets = self._buckets()
         if not buckets:
             return
-        if any(self.state[p].get("perturbed", False) for b in buckets for p in b["params"]):
-            raise RuntimeError("first_step() called twice without second_step() in between")
         rules = {group["perturbation"] for group in self.param_groups}
         needs_norm = self.track_stats or any(_NORMALIZED[r] for r in rules)
 
-        # 1. e starts as (a copy of) g, multiplied by |w| once for ASAM: e = T g.
+        # 1. e starts as g (in place, or a copy), multiplied by |w| once for ASAM: e = T g.
         for bucket in buckets:
-            grads = bucket["grads"]
-            bucket["e"] = grads if zero_grad else [g.clone() for g in grads]
+            bucket["e"] = [self._buffer(p, g, zero_grad) for p, g in zip(*bucket["pg"])]
             if bucket["adaptive"]:
                 bucket["scale_w"] = self._abs(bucket["params"], bucket["foreach"])
                 self._mul_(bucket["e"], bucket["scale_w"], bucket["foreach"])
@@ -151,7 +160,7 @@ class SAM(Optimizer):
         # 2. The global norm ||T g|| (one device tensor, no host sync).
         grad_norm = self._global_norm([b["e"] for b in buckets], buckets) if needs_norm else None
 
-        # 3. e = sign * rho * T (T g) [/ (||T g|| + eps)], save w, w += e.
+        # 3. e = sign * rho * T (T g) [/ (||T g|| + eps)].
         for bucket in buckets:
             e, params, fe = bucket["e"], bucket["params"], bucket["foreach"]
             if bucket["adaptive"]:
@@ -160,17 +169,21 @@ class SAM(Optimizer):
             if _NORMALIZED[bucket["perturbation"]]:
                 scale = scale / (grad_norm.to(params[0].device) + bucket["eps"])
             self._mul_(e, scale, fe)
-            saved = [self._saved(p) for p in params]
-            if fe:
-                torch._foreach_copy_(saved, params)
-                torch._foreach_add_(params, e)
-            else:
-                for w, s, d in zip(params, saved, e):
-                    s.copy_(w)
-                    w.add_(d)
 
         if self.track_stats:
             self._record_stats(buckets, grad_norm)
+
+        # 4. e + w into e's memory (bit for bit w + e: IEEE addition commutes), then swap.
+        for bucket in buckets:
+            e, params = bucket["e"], bucket["params"]
+            if bucket["foreach"]:
+                torch._foreach_add_(e, params)
+            else:
+                for d, w in zip(e, params):
+                    d.add_(w)
+            for p, perturbed in zip(params, e):
+                self._swapped.append((p, p.detach()))  # an alias of w's memory, not a copy
+                p.set_(perturbed)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -185,19 +198,28 @@ class SAM(Optimizer):
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
+    def plain_step(self, zero_grad: bool = False) -> None:
+        """A step without perturbation: the base optimizer's step on the gradient at w, for the
+        steps that a schedule (:class:`aace.schedule.SAMSchedule`) makes plain steps. The
+        previous perturbation, for ``perturbation_cosine``, stays that of the last SAM step."""
+        if self._swapped:
+            raise RuntimeError(
+                "plain_step() called between first_step() and second_step(); "
+                "call restore() first to abandon the SAM step"
+            )
+        self.base_optimizer.step()
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
     def restore(self) -> None:
-        """Undo ``first_step`` (w + e -> w, bit for bit) without updating: for skipping a step
-        whose second-pass gradient is not finite, as ``GradScaler`` does."""
-        for bucket in self._buckets(require_grad=False):
-            params = bucket["params"]
-            saved = [self.state[p]["saved_w"] for p in params]
-            if bucket["foreach"]:
-                torch._foreach_copy_(params, saved)
-            else:
-                for w, s in zip(params, saved):
-                    w.copy_(s)
-            for p in params:
-                self.state[p]["perturbed"] = False
+        """Undo ``first_step`` (w + e -> w, bit for bit: the parameters are pointed back at w's
+        memory, which ``first_step`` did not write) without updating: for skipping a step whose
+        second-pass gradient is not finite, as ``GradScaler`` does. A no-op after a restore."""
+        for p, saved in self._swapped:
+            p.set_(saved)
+        self._swapped.clear()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One SAM step. ``.grad`` must already hold the first-pass gradient; ``closure`` must
@@ -243,30 +265,29 @@ class SAM(Optimizer):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _buckets(self, require_grad: bool = True) -> list[dict[str, Any]]:
-        """Parameters split by group and by (device, dtype), so each foreach call is uniform."""
+    def _buckets(self) -> list[dict[str, Any]]:
+        """Parameters with a gradient, split by group and by (device, dtype), so each foreach
+        call is uniform."""
         buckets = []
         for group in self.param_groups:
-            by_key: dict[tuple[torch.device, torch.dtype], dict[str, list]] = defaultdict(
-                lambda: {"params": [], "grads": []}
-            )
+            by_key: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
             for p in group["params"]:
-                if require_grad and p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                if not require_grad and not self.state[p].get("perturbed", False):
-                    continue
-                if require_grad and p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError("SAM does not support sparse gradients")
-                entry = by_key[(p.device, p.dtype)]
-                entry["params"].append(p)
-                entry["grads"].append(p.grad)
-            for (device, _), entry in by_key.items():
+                params, grads = by_key.setdefault((p.device, p.dtype), ([], []))
+                params.append(p)
+                grads.append(g)
+            for (device, _), (params, grads) in by_key.items():
                 foreach = self.foreach
                 if foreach is None:
                     foreach = device.type in _FOREACH_DEVICES
                 buckets.append(
                     dict(
-                        entry,
+                        params=params,
+                        pg=(params, grads),
                         foreach=foreach,
                         rho=group["rho"],
                         perturbation=group["perturbation"],
@@ -276,12 +297,13 @@ class SAM(Optimizer):
                 )
         return buckets
 
-    def _saved(self, p: torch.Tensor) -> torch.Tensor:
-        state = self.state[p]
-        if "saved_w" not in state:
-            state["saved_w"] = torch.empty_like(p, memory_format=torch.preserve_format)
-        state["perturbed"] = True
-        return state["saved_w"]
+    @staticmethod
+    def _buffer(p: torch.Tensor, g: torch.Tensor, in_place: bool) -> torch.Tensor:
+        """Where e, then w + e, is formed: the gradient itself (``in_place``) when it has the
+        parameter's layout, else a new tensor with the parameter's layout holding g."""
+        if in_place and g.stride() == p.stride() and g.storage_offset() == 0:
+            return g
+        return torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
 
     @staticmethod
     def _abs(tensors: list[torch.Tensor], foreach: bool) -> list[torch.Tensor]:

@@ -32,6 +32,7 @@ import aace
 from aace.data import BatchLoader, InMemoryDataset, load_dataset
 from aace.data.loader import _derive_seed
 from aace.models import create_model
+from aace.schedule import SAMSchedule
 from aace.training import distributed
 from aace.training.checkpoint import (
     CheckpointError,
@@ -43,7 +44,13 @@ from aace.training.checkpoint import (
 from aace.training.config import ConfigError, RunConfig
 from aace.training.distributed import Distributed
 from aace.training.metrics import EpochSums, Progress, json_safe, summarize
-from aace.training.step import NonFiniteError, TrainStep, autocast, build_optimizer
+from aace.training.step import (
+    NonFiniteError,
+    TrainStep,
+    autocast,
+    build_optimizer,
+    build_schedule,
+)
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -272,13 +279,14 @@ class Trainer:
         step_model = ddp if ddp is not None else model
         if config.compile:
             step_model = torch.compile(step_model)
-        step = TrainStep(step_model, optimizer, config, device, ddp=ddp)
+        schedule = build_schedule(config, config.epochs * len(train_loader))
+        step = TrainStep(step_model, optimizer, config, device, ddp=ddp, schedule=schedule)
 
         rows: list[dict[str, Any]] = []
         start_epoch = 0
         if checkpoint is not None:
             start_epoch, rows = self._restore(
-                checkpoint, model, optimizer, scheduler, step.scaler, device, context
+                checkpoint, model, optimizer, scheduler, step.scaler, device, context, schedule
             )
             log(f"resumed from '{self.out / CHECKPOINT}' after epoch {start_epoch}")
         if context.is_main:
@@ -325,6 +333,8 @@ class Trainer:
             }
             if step.fp16:
                 payload["scaler"] = step.scaler.state_dict()
+            if schedule is not None:
+                payload["sam_schedule"] = schedule.state_dict()
             save_checkpoint(self.out / CHECKPOINT, payload)
             log(self._format_row(row))
 
@@ -392,6 +402,7 @@ class Trainer:
         scaler: torch.amp.GradScaler,
         device: torch.device,
         context: Distributed,
+        schedule: SAMSchedule | None = None,
     ) -> tuple[int, list[dict[str, Any]]]:
         path = self.out / CHECKPOINT
         try:
@@ -400,6 +411,8 @@ class Trainer:
             scheduler.load_state_dict(checkpoint["scheduler"])
             if scaler.is_enabled() and "scaler" in checkpoint:
                 scaler.load_state_dict(checkpoint["scaler"])
+            if schedule is not None:
+                schedule.load_state_dict(checkpoint["sam_schedule"])
         except (RuntimeError, KeyError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise CheckpointError(
