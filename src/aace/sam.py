@@ -121,28 +121,24 @@ class SAM(Optimizer):
         self.perturbation_norm: torch.Tensor | None = None
         self.perturbation_cosine: torch.Tensor | None = None
         self._previous_norm: torch.Tensor | None = None
-        # (parameter, alias of its unperturbed memory) while perturbed, see first_step.
-        self._swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (parameters, their saved w, foreach) per bucket between first_step and restore.
+        self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor], bool]] = []
 
     # -- the two steps -----------------------------------------------------------------------
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a gradient from w to w + e, keeping w untouched.
+        """Move every parameter with a gradient from w to w + e, saving w exactly.
 
-        w + e is written into a separate buffer and the parameter is pointed at it
-        (``Tensor.set_`` under ``no_grad``: the same tensor object, hence the same autograd leaf,
-        ``.grad``, optimizer state and DDP hooks, with other memory); :meth:`restore` points it
-        back at w's memory, which nobody wrote. With ``zero_grad=True`` that buffer is the
-        gradient's own memory (e is formed in place, then w added), so the step allocates
-        nothing and makes two passes over parameter-sized memory (scale, add) where
-        copy-then-add-then-copy-back makes four. ``zero_grad=False`` leaves ``.grad`` untouched
-        (one gradient-sized copy more).
-
-        Anything that holds the parameter's old memory directly (a view of it taken before
-        ``first_step``, a CUDA graph recorded on its address) keeps seeing w, not w + e.
+        Passes over parameter-sized memory, for ``perturbation="aace"`` with ``zero_grad=True``
+        and no ``track_stats``: copy w into the saved buffer, then ``w += scale * g`` in one
+        fused pass (e is never materialized); :meth:`restore` copies w back. The normalized
+        rules and ``track_stats`` form e in place in the gradient first (one pass more), the
+        norms read it once more. With ``zero_grad=True`` the gradients are consumed (e is formed
+        in their memory, then they are set to None); otherwise ``.grad`` is left untouched (at
+        the price of a gradient-sized copy).
         """
-        if self._swapped:
+        if self._perturbed:
             raise RuntimeError("first_step() called twice without second_step() in between")
         buckets = self._buckets()
         if not buckets:
@@ -150,9 +146,10 @@ class SAM(Optimizer):
         rules = {group["perturbation"] for group in self.param_groups}
         needs_norm = self.track_stats or any(_NORMALIZED[r] for r in rules)
 
-        # 1. e starts as g (in place, or a copy), multiplied by |w| once for ASAM: e = T g.
+        # 1. e starts as (a copy of) g, multiplied by |w| once for ASAM: e = T g.
         for bucket in buckets:
-            bucket["e"] = [self._buffer(p, g, zero_grad) for p, g in zip(*bucket["pg"])]
+            grads = bucket["grads"]
+            bucket["e"] = grads if zero_grad else [g.clone() for g in grads]
             if bucket["adaptive"]:
                 bucket["scale_w"] = self._abs(bucket["params"], bucket["foreach"])
                 self._mul_(bucket["e"], bucket["scale_w"], bucket["foreach"])
@@ -160,7 +157,8 @@ class SAM(Optimizer):
         # 2. The global norm ||T g|| (one device tensor, no host sync).
         grad_norm = self._global_norm([b["e"] for b in buckets], buckets) if needs_norm else None
 
-        # 3. e = sign * rho * T (T g) [/ (||T g|| + eps)].
+        # 3. scale = sign * rho [/ (||T g|| + eps)]; e = scale * T (T g) in place, unless it
+        #    is a plain number that step 4 can apply on the fly.
         for bucket in buckets:
             e, params, fe = bucket["e"], bucket["params"], bucket["foreach"]
             if bucket["adaptive"]:
@@ -168,22 +166,26 @@ class SAM(Optimizer):
             scale: float | torch.Tensor = _SIGN[bucket["perturbation"]] * bucket["rho"]
             if _NORMALIZED[bucket["perturbation"]]:
                 scale = scale / (grad_norm.to(params[0].device) + bucket["eps"])
-            self._mul_(e, scale, fe)
+            if self.track_stats or isinstance(scale, torch.Tensor):
+                self._mul_(e, scale, fe)
+                scale = 1.0
+            bucket["alpha"] = scale
 
         if self.track_stats:
             self._record_stats(buckets, grad_norm)
 
-        # 4. e + w into e's memory (bit for bit w + e: IEEE addition commutes), then swap.
+        # 4. Save w, then w += alpha * e.
         for bucket in buckets:
-            e, params = bucket["e"], bucket["params"]
+            e, params, alpha = bucket["e"], bucket["params"], bucket["alpha"]
+            saved = [self._saved(p) for p in params]
             if bucket["foreach"]:
-                torch._foreach_add_(e, params)
+                torch._foreach_copy_(saved, params)
+                torch._foreach_add_(params, e, alpha=alpha)
             else:
-                for d, w in zip(e, params):
-                    d.add_(w)
-            for p, perturbed in zip(params, e):
-                self._swapped.append((p, p.detach()))  # an alias of w's memory, not a copy
-                p.set_(perturbed)
+                for w, s, d in zip(params, saved, e):
+                    s.copy_(w)
+                    w.add_(d, alpha=alpha)
+            self._perturbed.append((params, saved, bucket["foreach"]))
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -202,7 +204,7 @@ class SAM(Optimizer):
         """A step without perturbation: the base optimizer's step on the gradient at w, for the
         steps that a schedule (:class:`aace.schedule.SAMSchedule`) makes plain steps. The
         previous perturbation, for ``perturbation_cosine``, stays that of the last SAM step."""
-        if self._swapped:
+        if self._perturbed:
             raise RuntimeError(
                 "plain_step() called between first_step() and second_step(); "
                 "call restore() first to abandon the SAM step"
@@ -214,12 +216,16 @@ class SAM(Optimizer):
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Undo ``first_step`` (w + e -> w, bit for bit: the parameters are pointed back at w's
-        memory, which ``first_step`` did not write) without updating: for skipping a step whose
-        second-pass gradient is not finite, as ``GradScaler`` does. A no-op after a restore."""
-        for p, saved in self._swapped:
-            p.set_(saved)
-        self._swapped.clear()
+        """Undo ``first_step`` (w + e -> w, bit for bit: a copy of the saved w, not w + e - e)
+        without updating: for skipping a step whose second-pass gradient is not finite, as
+        ``GradScaler`` does. A no-op when no ``first_step`` is pending."""
+        for params, saved, foreach in self._perturbed:
+            if foreach:
+                torch._foreach_copy_(params, saved)
+            else:
+                for w, s in zip(params, saved):
+                    w.copy_(s)
+        self._perturbed.clear()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One SAM step. ``.grad`` must already hold the first-pass gradient; ``closure`` must
@@ -287,7 +293,7 @@ class SAM(Optimizer):
                 buckets.append(
                     dict(
                         params=params,
-                        pg=(params, grads),
+                        grads=grads,
                         foreach=foreach,
                         rho=group["rho"],
                         perturbation=group["perturbation"],
@@ -297,13 +303,12 @@ class SAM(Optimizer):
                 )
         return buckets
 
-    @staticmethod
-    def _buffer(p: torch.Tensor, g: torch.Tensor, in_place: bool) -> torch.Tensor:
-        """Where e, then w + e, is formed: the gradient itself (``in_place``) when it has the
-        parameter's layout, else a new tensor with the parameter's layout holding g."""
-        if in_place and g.stride() == p.stride() and g.storage_offset() == 0:
-            return g
-        return torch.empty_like(p, memory_format=torch.preserve_format).copy_(g)
+    def _saved(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        saved = state.get("saved_w")
+        if saved is None:
+            saved = state["saved_w"] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return saved
 
     @staticmethod
     def _abs(tensors: list[torch.Tensor], foreach: bool) -> list[torch.Tensor]:
