@@ -270,7 +270,6 @@ def read_rows(out: Path):
         # 3 steps per epoch, 9 in all.
         (dict(sam_every=2), [2 / 3, 1 / 3, 2 / 3]),  # steps 0, 2 | 4 | 6, 8
         (dict(sam_start=0.5), [0.0, 1 / 3, 1.0]),  # from step ceil(4.5) = 5 on
-        (dict(), [1.0, 1.0, 1.0]),
     ],
 )
 def test_sam_step_fraction_and_sam_statistics_over_sam_steps_only(npz_path, tmp_path, overrides,
@@ -365,3 +364,64 @@ def test_config_refuses_schedules_that_cannot_apply():
         RunConfig(sam_start=-0.1).validate()
     assert build_schedule(RunConfig(optimizer="sam"), 100) is None  # every step: no schedule
     assert build_schedule(RunConfig(optimizer="sam", sam_start=0.8), 100).start_step == 80
+
+
+# -- DDP: every rank takes the same kind of step -----------------------------------------------
+
+
+def _schedule_worker(rank: int, out: Path) -> None:
+    from aace.training import step as step_module
+    from aace.training.distributed import Distributed, wrap_model
+    from test_distributed import WORLD, small_model
+
+    local, observed = [], []
+    real_norm, real_observe = step_module.squared_grad_norm, SAMSchedule.observe
+
+    def recording_norm(params):
+        value = real_norm(params)
+        local.append(value.clone())
+        return value
+
+    def recording_observe(self, value):
+        observed.append(value.clone())
+        real_observe(self, value)
+
+    step_module.squared_grad_norm = recording_norm
+    SAMSchedule.observe = recording_observe
+    config = RunConfig(optimizer="sam-aace", rho=0.2, lr=0.1, sam_adaptive=0.0, accumulate=2,
+                       perturbation_sync="local")  # fmt: skip
+    model, ddp = wrap_model(small_model(), Distributed(rank, WORLD), torch.device("cpu"))
+    schedule = build_schedule(config, total_steps=10)
+    step = TrainStep(ddp, build_optimizer(model, config), config, torch.device("cpu"), ddp=ddp,
+                     schedule=schedule)  # fmt: skip
+    gen = torch.Generator().manual_seed(4)
+    taken = []
+    for _ in range(10):
+        x = torch.randn(WORLD * 4, 3, 6, 6, dtype=torch.float64, generator=gen)
+        y = torch.randint(0, 4, (WORLD * 4,), generator=gen)
+        taken.append(step(x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4]).sam_step)
+    torch.save(
+        dict(model=model.state_dict(), taken=taken, local=local, observed=observed,
+             schedule=schedule.state_dict()),
+        out / f"rank{rank}.pt",
+    )  # fmt: skip
+
+
+def test_adaptive_rule_under_ddp_with_local_perturbation_agrees_across_ranks(tmp_path):
+    from test_distributed import WORLD, spawn
+
+    spawn(_schedule_worker, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    assert r0["taken"] == r1["taken"] and True in r0["taken"] and False in r0["taken"]
+    for key, tensor in r0["model"].items():
+        assert torch.equal(tensor, r1["model"][key]), key
+    for name in ("mean", "var", "next_sam"):
+        assert torch.equal(r0["schedule"][name], r1["schedule"][name]), name
+    # The statistic is the max over ranks of each rank's own ||g||^2 ...
+    for a, b, seen0, seen1 in zip(r0["local"], r1["local"], r0["observed"], r1["observed"]):
+        assert torch.equal(seen0, torch.maximum(a, b)) and torch.equal(seen0, seen1)
+    # ... which differ on the SAM steps, whose perturbation pass is not all-reduced.
+    sam_steps = [i for i, sam in enumerate(r0["taken"]) if sam]
+    assert all(not torch.equal(r0["local"][i], r1["local"][i]) for i in sam_steps)
+    plain_steps = [i for i, sam in enumerate(r0["taken"]) if not sam]
+    assert all(torch.equal(r0["local"][i], r1["local"][i]) for i in plain_steps)
