@@ -270,6 +270,7 @@ def read_rows(out: Path):
         # 3 steps per epoch, 9 in all.
         (dict(sam_every=2), [2 / 3, 1 / 3, 2 / 3]),  # steps 0, 2 | 4 | 6, 8
         (dict(sam_start=0.5), [0.0, 1 / 3, 1.0]),  # from step ceil(4.5) = 5 on
+        (dict(sam_every=2, amp="fp16", accumulate=2), [2 / 3, 1 / 3, 2 / 3]),
     ],
 )
 def test_sam_step_fraction_and_sam_statistics_over_sam_steps_only(npz_path, tmp_path, overrides,
