@@ -109,7 +109,9 @@ def collect(runs_dir: Path, seeds: list[int]) -> list[dict[str, Any]]:
                 continue
             record = json.loads((out / "cost.json").read_text())
             summary = json.loads((out / "summary.json").read_text())
-            metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            metrics = [
+                json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+            ]
             fractions = [m.get("sam_step_fraction") or 0.0 for m in metrics]
             rows.append(
                 {

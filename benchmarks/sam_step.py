@@ -7,7 +7,7 @@ Rerun the reported measurement from the repository root with:
 What is timed: ``first_step(zero_grad=True)`` plus ``second_step(zero_grad=True)`` (SGD with
 momentum 0.9 and weight decay 5e-4 as the base), not the forward and backward passes, which are
 the same for every variant. Three small models (a 13-layer CNN: 12 convolutions of 16 channels
-with BatchNorm and ReLU, then a linear layer; 26,564 parameters in 38 tensors) are stepped in
+with BatchNorm and ReLU, then a linear layer; 26,330 parameters in 38 tensors) are stepped in
 turn, so that each model's weights, saved copy and momentum buffers have left the cache when its
 turn comes, as they have after a real forward-backward. Before each timed call the gradients are
 set (untimed) to real gradients of that model: the AACE gradient at w before ``first_step``, the
@@ -21,6 +21,8 @@ Variants, each with its own copy of the three models:
   (davda54/sam), with the AACE rule: ``old = p.data.clone()``, ``p.add_(-rho * p.grad)``, and
   ``p.data = old`` to restore (a pointer swap: no pass, but an anti-pattern for autograd and
   DDP; kept here to time it faithfully). Passes: clone, scale (a new tensor), add.
+* ``--track-stats``: the ``aace.SAM`` variants keep their statistics (``grad_norm``,
+  ``perturbation_norm``, ``perturbation_cosine``), as ``aace train`` does; LoopSAM keeps none.
 * ``SAM (baseline)``, with ``--baseline-sam FILE``: the ``SAM`` class of another version of
   ``src/aace/sam.py``, e.g. ``git show <commit>:src/aace/sam.py > /tmp/sam_before.py``; for
   before/after figures in one interleaved measurement.
@@ -129,7 +131,9 @@ def _set_grads(model: nn.Module, grads: list[torch.Tensor]) -> None:
         p.grad = g.clone()
 
 
-def build(sam_classes: dict[str, type]) -> dict[str, list[tuple[nn.Module, Any, Any]]]:
+def build(
+    sam_classes: dict[str, type], track_stats: bool = False
+) -> dict[str, list[tuple[nn.Module, Any, Any]]]:
     """Per variant: three (model, optimizer, (aace grads, ce grads))."""
     bases, grads = [], []
     for seed in range(MODELS):
@@ -146,7 +150,12 @@ def build(sam_classes: dict[str, type]) -> dict[str, list[tuple[nn.Module, Any, 
                 opt = LoopSAM(model.parameters(), torch.optim.SGD, rho=RHO, **SGD_KWARGS)
             else:
                 opt = cls(
-                    model.parameters(), torch.optim.SGD, rho=RHO, perturbation="aace", **SGD_KWARGS
+                    model.parameters(),
+                    torch.optim.SGD,
+                    rho=RHO,
+                    perturbation="aace",
+                    track_stats=track_stats,
+                    **SGD_KWARGS,
                 )
             entries.append((model, opt, g))
         variants[name] = entries
@@ -184,6 +193,12 @@ def main(argv: list[str] | None = None) -> None:
         "--baseline-sam", type=Path, help="another sam.py whose SAM class to time alongside"
     )
     parser.add_argument("--name", default="sam_step", help="results file name (default sam_step)")
+    parser.add_argument(
+        "--track-stats",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="SAM variants keep grad_norm, perturbation_norm and cosine, as aace train does",
+    )
     _common.add_common_arguments(parser, repeats=15, warmup=3)
     args = parser.parse_args(argv)
     device = _common.setup(parser, args)
@@ -192,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     sam_classes: dict[str, type] = {"SAM": SAM, "LoopSAM": LoopSAM}
     if args.baseline_sam:
         sam_classes["SAM (baseline)"] = _load_sam_class(args.baseline_sam)
-    variants = build(sam_classes)
+    variants = build(sam_classes, args.track_stats)
     params = sum(p.numel() for p in variants["SAM"][0][0].parameters())
     tensors = len(list(variants["SAM"][0][0].parameters()))
 
@@ -257,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             sgd=SGD_KWARGS,
             models=MODELS,
             baseline_sam=str(args.baseline_sam) if args.baseline_sam else None,
+            track_stats=args.track_stats,
         ),
         extra={"ratios": ratios, "summary": summary},
         notes=notes,

@@ -401,3 +401,25 @@ def test_track_stats_changes_perturbed_weights_by_rounding_only(rule):
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-7, atol=2e-7)
+
+
+def test_tracked_cosine_in_float32_matches_the_direct_formula():
+    """The cosine comes from norms (||e||^2 + ||p||^2 - ||p - e||^2) / (2 ||e|| ||p||); in float32
+    it must still agree with the direct cosine of the perturbations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 10))
+    x, y = torch.randn(32, 20), torch.randint(0, 10, (32,))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, perturbation="aace", lr=0.5,
+              track_stats=True)  # fmt: skip
+    previous = None
+    for _ in range(6):
+        aace_loss(model(x), y).backward()
+        before = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+        opt.first_step(zero_grad=True)
+        e = torch.cat([p.detach().flatten() for p in model.parameters()]).double() - before
+        if previous is not None:
+            direct = F.cosine_similarity(e, previous, dim=0)
+            torch.testing.assert_close(opt.perturbation_cosine.double(), direct, atol=1e-5, rtol=0)
+        previous = e
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
