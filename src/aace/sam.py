@@ -337,14 +337,18 @@ class SAM(Optimizer):
         self, tensor_lists: list[list[torch.Tensor]], buckets: list[dict[str, Any]]
     ) -> torch.Tensor:
         """L2 norm over all tensors of all buckets, accumulated in float32 (or float64) on the
-        first bucket's device."""
+        first bucket's device: the norm of the per-tensor norms, stacked once per bucket."""
         device = buckets[0]["params"][0].device
-        norms = []
+        per_bucket = []
         for tensors, bucket in zip(tensor_lists, buckets):
-            for n in self._norms(tensors, bucket["foreach"]):
-                norms.append(n.to(device=device, dtype=torch.promote_types(n.dtype, torch.float32)))
-        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-        return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+            norms = torch.stack(self._norms(tensors, bucket["foreach"]))
+            per_bucket.append(
+                norms.to(device=device, dtype=torch.promote_types(norms.dtype, torch.float32))
+            )
+        dtype = (
+            torch.float64 if any(n.dtype == torch.float64 for n in per_bucket) else torch.float32
+        )
+        return torch.linalg.vector_norm(torch.cat([n.to(dtype) for n in per_bucket]))
 
     def _record_stats(self, buckets: list[dict[str, Any]], grad_norm: torch.Tensor) -> None:
         """grad_norm = ||T g||, perturbation_norm = ||e||, cosine(e, previous e).
