@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,8 @@ from aace.training.config import (
     RunConfig,
     preset,
 )
+from aace.training.distributed import on_all_ranks, raised_on_all_ranks
+from aace.training.preemption import EXIT_PREEMPTED, Preempted
 from aace.training.step import NonFiniteError
 
 EXIT_USAGE = 2
@@ -35,8 +39,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but its usage errors are one line like every other error of the CLI."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"aace: error: {message}", file=sys.stderr)
-        print(f"hint: {self.prog} --help lists the options", file=sys.stderr)
+        if not _rank():  # every rank of a torchrun job parses the same command line
+            print(f"aace: error: {message}", file=sys.stderr)
+            print(f"hint: {self.prog} --help lists the options", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -121,6 +126,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="on a NaN/inf loss or gradient: stop the run (default, last good checkpoint kept) "
         "or skip the step (counted as skipped_steps in the metrics; costs a host sync per pass)",
     )
+    add(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="also write a checkpoint every N optimizer steps, so a kill loses at most N steps "
+        "(default 0: at epoch ends only); a resume continues mid-epoch exactly",
+    )
     add("--out", help="run directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
 
@@ -167,7 +179,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _train(args: argparse.Namespace) -> int:
     from aace.training.trainer import Trainer
 
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ConfigError as error:  # a function of the command line: the same on every rank
+        raise on_all_ranks(error) from None
     trainer = Trainer(config, log=lambda line: print(line, flush=True))
     summary = trainer.fit(resume=args.resume)
     if not trainer.is_main:
@@ -230,44 +245,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # usage errors (status 2) and --help (status 0)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "compare":
-            from aace.report import compare_table
-
-            print(compare_table(args.runs))
-            return 0
-        if args.command == "plot":
-            from aace.report import plot_runs
-
-            print(f"wrote {plot_runs(args.runs, args.out)}")
-            return 0
-        return _presets()
-    except KeyboardInterrupt:
-        print("aace: interrupted", file=sys.stderr)
-        return 130
+        return _run(args)
+    except KeyboardInterrupt as error:
+        return _fail(on_all_ranks(error), "interrupted", 130, debug=False, prefix="aace: ")
+    except Preempted as error:
+        return _fail(error, str(error), EXIT_PREEMPTED, args.debug, prefix="aace: ")
     except NonFiniteError as error:
-        if args.debug:
-            traceback.print_exc()
-        print(f"aace: error: {_rank_prefix()}{error}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return _fail(error, str(error), EXIT_NONFINITE, args.debug)
     except (ValueError, OSError) as error:
         # ConfigError, DatasetError, CheckpointError, ReportError are ValueErrors.
-        if args.debug:
-            traceback.print_exc()
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         if isinstance(error, OSError) and not isinstance(error, ValueError):
             message = f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
-        print(f"aace: error: {_rank_prefix()}{message}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(error, message, EXIT_USAGE, args.debug)
 
 
-def _rank_prefix() -> str:
-    """Under torchrun every process reports its error; those of ranks > 0 say which they are."""
-    rank = os.environ.get("RANK", "0")
-    return "" if rank in ("", "0") else f"[rank {rank}] "
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "compare":
+        from aace.report import compare_table
+
+        print(compare_table(args.runs))
+        return 0
+    if args.command == "plot":
+        from aace.report import plot_runs
+
+        print(f"wrote {plot_runs(args.runs, args.out)}")
+        return 0
+    return _presets()
+
+
+def _fail(
+    error: BaseException, message: str, status: int, debug: bool, prefix: str = "aace: error: "
+) -> int:
+    """Report ``error`` in one line and return ``status``.
+
+    Under torchrun an error that every rank raised alike (bad input, an agreed stop) is
+    reported by rank 0 alone; an error of one rank names it. From here on a SIGTERM (torchrun
+    stopping the other workers once one has exited) ends the process with the same status.
+    """
+    _exit_on_sigterm(status)
+    rank = _rank()
+    if rank and raised_on_all_ranks(error):
+        return status
+    if debug:
+        traceback.print_exception(error)
+    print(f"{prefix}{f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr, flush=True)
+    return status
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _exit_on_sigterm(status: int) -> None:
+    under_torchrun = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
+    if not under_torchrun or threading.current_thread() is not threading.main_thread():
+        return
+
+    def exit_now(signum: int, frame: object) -> None:
+        sys.stderr.flush()
+        os._exit(status)
+
+    signal.signal(signal.SIGTERM, exit_now)
 
 
 if __name__ == "__main__":

@@ -255,11 +255,27 @@ class SAM(Optimizer):
     # -- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state (momentum buffers, ...) and the shared param groups."""
-        return self.base_optimizer.state_dict()
+        """The base optimizer's state (momentum buffers, ...) and the shared param groups; with
+        ``track_stats``, also the previous perturbation (under ``"sam_stats"``, until
+        :meth:`reset_stats`), so that a run resumed mid-epoch computes the same cosine."""
+        state = self.base_optimizer.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        previous = {i: self.state[p]["previous_e"] for i, p in enumerate(params)
+                    if "previous_e" in self.state[p]}  # fmt: skip
+        if previous and self._previous_norm is not None:
+            state["sam_stats"] = {"previous_e": previous, "previous_norm": self._previous_norm}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        stats = state_dict.pop("sam_stats", None)
         self.base_optimizer.load_state_dict(state_dict)
+        self.reset_stats()
+        if stats is not None:
+            params = [p for group in self.base_optimizer.param_groups for p in group["params"]]
+            for i, previous in stats["previous_e"].items():
+                self.state[params[i]]["previous_e"] = previous.to(params[i], copy=True)
+            self._previous_norm = stats["previous_norm"].to(params[0].device)
         # The base optimizer rebuilt its group dicts; share them again.
         self.param_groups = self.base_optimizer.param_groups
         for group in self.param_groups:

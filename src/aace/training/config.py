@@ -59,6 +59,7 @@ class RunConfig:
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
     accumulate: int = 1  # micro-batches per pass: batch_size = processes x accumulate x micro-batch
     nonfinite: str = "stop"  # a NaN/inf loss or gradient stops the run, or the step is skipped
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
     # Which steps of a SAM run are SAM steps (aace.schedule); the others are plain SGD steps.
     sam_every: int = 1  # a SAM step every sam_every-th step
     sam_start: float = 0.0  # plain steps before this fraction of training
@@ -112,8 +113,10 @@ class RunConfig:
                 fail(name, value, "an integer >= 1")
         if self.cutout is not None and (not isinstance(self.cutout, int) or self.cutout < 0):
             fail("cutout", self.cutout, "an integer >= 0")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            fail("seed", self.seed, "an integer >= 0")
+        for name in ("seed", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(name, value, "an integer >= 0")
         self._validate_sam_schedule(fail, finite)
         self.per_rank_batch_size(1)
         return self
