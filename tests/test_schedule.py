@@ -430,3 +430,30 @@ def test_adaptive_rule_under_ddp_with_local_perturbation_agrees_across_ranks(tmp
     assert all(not torch.equal(r0["local"][i], r1["local"][i]) for i in sam_steps)
     plain_steps = [i for i, sam in enumerate(r0["taken"]) if not sam]
     assert all(torch.equal(r0["local"][i], r1["local"][i]) for i in plain_steps)
+
+
+@pytest.mark.parametrize("overrides", [dict(sam_every=2), dict(sam_start=0.5)])
+def test_step_count_rules_add_no_host_sync_to_the_step(overrides, monkeypatch):
+    """Reading a tensor on the host (bool, item, tolist) is refused during the steps: the step
+    itself has none without --nonfinite skip and fp16, and the step-count rules add none. The
+    adaptive rule's one read per step is caught, as documented."""
+    from aace.models import create_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the training step")
+
+    def run(config):
+        torch.manual_seed(0)
+        model = create_model("wrn10_1", 4, 3)
+        step = TrainStep(model, build_optimizer(model, config), config, torch.device("cpu"),
+                         schedule=build_schedule(config, total_steps=4))  # fmt: skip
+        x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+        with monkeypatch.context() as patch:
+            for name in ("__bool__", "item", "tolist"):
+                patch.setattr(torch.Tensor, name, refuse)
+            return [step(x, y).sam_step for _ in range(4)]
+
+    taken = run(RunConfig(optimizer="sam-aace", **overrides))
+    assert True in taken and False in taken
+    with pytest.raises(AssertionError, match="host sync"):
+        run(RunConfig(optimizer="sam-aace", sam_adaptive=0.0))
