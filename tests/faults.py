@@ -13,8 +13,9 @@ process reaches POINT (on rank RANK only, default 0), it is
 * ``evaluate``: SIGKILLed as it starts its N-th evaluation;
 * ``save``: SIGKILLed in its N-th checkpoint write, after the data went to the temporary file
   and before the rename;
-* ``sigterm``: sent SIGTERM at the start of its N-th step: to its torchrun agent, which forwards
-  it to every worker (as Slurm's or Kubernetes' stop does), or to itself in one process.
+* ``sigterm``: at the start of its N-th step, sends SIGTERM to its torchrun agent, which
+  forwards it to its workers (as Slurm's or Kubernetes' stop does), or to itself in one
+  process, and waits until the signal has reached it.
 
 Faults are real signals at deterministic points: no timing is involved.
 """
@@ -65,8 +66,15 @@ def _at_nth_call(function, n: int, action):
 
 
 def _sigterm() -> None:
+    """SIGTERM to the launcher (or to this process), then wait until it arrives here, so that
+    the stop is requested in this step whatever the launcher's latency: the signal is blocked,
+    awaited with sigwait, and handed to the installed handler as the kernel would."""
     under_torchrun = "TORCHELASTIC_RESTART_COUNT" in os.environ
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     os.kill(os.getppid() if under_torchrun else os.getpid(), signal.SIGTERM)
+    signal.sigwait({signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
 
 
 def _killed_mid_write(path, payload) -> None:

@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from aace.integrations import MissingExtraError
 from aace.training.config import (
     AMP_MODES,
+    BASE_OPTIMIZERS,
     DEVICES,
     OPTIMIZERS,
     PERTURBATION_SYNCS,
@@ -33,6 +35,7 @@ from aace.training.step import NonFiniteError
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_LOST_PROCESS = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +56,17 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", help="where datasets are read from / downloaded to (default: data)")
     add("--download", action=argparse.BooleanOptionalAction, help="download missing datasets")
     add("--image-size", type=int, help="Food101 resize target in pixels (default 32)")
-    add("--model", help="wrn{depth}_{width} or pyramidnet{depth}_{alpha}[_basic] (default wrn16_1)")
+    add(
+        "--model",
+        help="wrn{depth}_{width}, pyramidnet{depth}_{alpha}[_basic] (default wrn16_1), or "
+        "timm:NAME for any timm architecture (pip install 'aace[timm]')",
+    )
+    add(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        help="timm:NAME only: start from the pretrained weights in the local cache (never "
+        "downloaded; default off)",
+    )
     add("--dropout", type=float, help="WideResNet dropout probability")
     add("--shakedrop", type=float, help="PyramidNet ShakeDrop probability of the last block")
     add("--optimizer", choices=OPTIMIZERS, help="default sam-aace")
@@ -64,7 +77,20 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr", type=float, help="base learning rate (default 0.1)")
     add("--momentum", type=float, help="SGD momentum (default 0.9)")
     add("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
-    add("--weight-decay", type=float, help="default 5e-4")
+    add("--weight-decay", type=float, help="default 5e-4 (AdamW's is decoupled: try 0.05)")
+    add(
+        "--base-optimizer",
+        choices=BASE_OPTIMIZERS,
+        help="the optimizer that makes the update, alone (--optimizer sgd) or inside SAM: sgd "
+        "(default; --momentum, --nesterov) or adamw (--betas)",
+    )
+    add(
+        "--betas",
+        type=float,
+        nargs=2,
+        metavar=("BETA1", "BETA2"),
+        help="AdamW's betas (default 0.9 0.999)",
+    )
     add(
         "--batch-size",
         type=int,
@@ -133,6 +159,16 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write a checkpoint every N optimizer steps, so a kill loses at most N steps "
         "(default 0: at epoch ends only); a resume continues mid-epoch exactly",
     )
+    add(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="also write TensorBoard events to OUT/tensorboard (pip install 'aace[tensorboard]')",
+    )
+    add(
+        "--log-every",
+        type=int,
+        help="with --tensorboard: log the training loss every N steps (default 50)",
+    )
     add("--out", help="run directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
 
@@ -169,6 +205,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if given is not None and field.name != "preset":
             values[field.name] = given
     config = RunConfig(**values)
+    if getattr(args, "momentum", None) is not None and config.base_optimizer != "sgd":
+        raise ConfigError(
+            f"--momentum: got {args.momentum}; it is SGD's, not {config.base_optimizer}'s "
+            "(use --betas for AdamW's moment decay)"
+        )
     if args.out is None:
         config.out = str(
             Path("runs") / f"{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
@@ -213,6 +254,7 @@ def _eval(args: argparse.Namespace) -> int:
             f"checkpoint '{args.checkpoint}' has {checkpoint['num_classes']} classes but "
             f"{dataset.name} has {dataset.num_classes}"
         )
+    config.pretrained = False  # the checkpoint holds the weights
     model = build_model(config, dataset)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -252,7 +294,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(error, str(error), EXIT_PREEMPTED, args.debug, prefix="aace: ")
     except NonFiniteError as error:
         return _fail(error, str(error), EXIT_NONFINITE, args.debug)
-    except (ValueError, OSError) as error:
+    except RuntimeError as error:
+        if not _lost_contact(error):
+            raise
+        message = (
+            f"lost contact with another process of the job ({_first_line(error)}); its own "
+            "error says why. torchrun --max-restarts restarts the job, or rerun with --resume"
+        )
+        return _fail(error, message, EXIT_LOST_PROCESS, args.debug)
+    except (ValueError, OSError, MissingExtraError) as error:
         # ConfigError, DatasetError, CheckpointError, ReportError are ValueErrors.
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         if isinstance(error, OSError) and not isinstance(error, ValueError):
@@ -297,6 +347,30 @@ def _fail(
     return status
 
 
+def _lost_contact(error: RuntimeError) -> bool:
+    """A collective failed because another rank died (gloo raises a plain RuntimeError)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return _rank_count() > 1 and (
+        isinstance(error, dist.DistError)
+        or "Connection closed by peer" in text
+        or "Connection reset by peer" in text
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].split("] ")[-1].split(". ")[0] if text else type(error).__name__
+
+
+def _rank_count() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
 def _rank() -> int:
     try:
         return int(os.environ.get("RANK", "0") or 0)
@@ -305,8 +379,7 @@ def _rank() -> int:
 
 
 def _exit_on_sigterm(status: int) -> None:
-    under_torchrun = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1")
-    if not under_torchrun or threading.current_thread() is not threading.main_thread():
+    if _rank_count() <= 1 or threading.current_thread() is not threading.main_thread():
         return
 
     def exit_now(signum: int, frame: object) -> None:

@@ -198,12 +198,27 @@ def setup(device: torch.device) -> tuple[Distributed, torch.device]:
             raise ConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend=backend, device_id=device if device.type == "cuda" else None
+            backend=backend,
+            device_id=device if device.type == "cuda" else None,
+            **_restart_store(rank, world_size),
         )
         owns = True
     context.owns_group = owns
     context.control_group = dist.new_group(backend="gloo")
     return context, device
+
+
+def _restart_store(rank: int, world_size: int) -> dict[str, Any]:
+    """Under ``torchrun --max-restarts``: the rendezvous store, with keys under this launch's
+    restart count. torchrun reuses its store across restarts, and a restarted group that reads
+    the previous launch's addresses fails to connect or hangs (seen with torch 2.14 and gloo);
+    a prefix per restart keeps the launches apart. Empty (``env://`` as usual) otherwise."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+    prefixed = dist.PrefixStore(f"/aace/restart_{restart}", store)
+    return {"store": prefixed, "rank": rank, "world_size": world_size}
 
 
 def wrap_model(

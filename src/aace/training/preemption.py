@@ -43,11 +43,11 @@ class StopRequest:
     def __init__(self, context: Distributed, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
         self.context = context
         self.signals = signals
-        self.requested: int | None = None  # the signal number, or 0 for request()
+        self.requested: int | None = None  # the number of the signal that asked
         self._previous: dict[int, Any] = {}
         self._pending: tuple[Any, torch.Tensor] | None = None
 
-    def request(self, signum: int = 0) -> None:
+    def request(self, signum: int = signal.SIGTERM) -> None:
         """Ask the run to stop at the next step boundary (what the signal handler does)."""
         if self.requested is None:
             self.requested = signum
@@ -71,23 +71,23 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """Whether every rank stops at this step boundary. Call it at every boundary, on every
-        rank: under DDP it returns the flags of the previous boundary, max-reduced."""
-        local = self.requested is not None
+        rank: under DDP it returns the requests of the previous boundary, max-reduced (so every
+        rank also learns which signal asked)."""
         if not self.context.enabled:
-            return local
-        stop = False
+            return self.requested is not None
+        agreed = 0
         if self._pending is not None:
             work, flag = self._pending
             work.wait()
-            stop = bool(flag[0])  # a CPU tensor: no device synchronization
-        flag = torch.tensor([int(local)], dtype=torch.int32)
+            agreed = int(flag[0])  # a CPU tensor: no device synchronization
+        flag = torch.tensor([self.requested or 0], dtype=torch.int32)
         work = dist.all_reduce(
             flag, op=dist.ReduceOp.MAX, group=self.context.control_group, async_op=True
         )
         self._pending = (work, flag)
-        if stop and self.requested is None:
-            self.requested = 0  # another rank's signal
-        return stop
+        if agreed and self.requested is None:
+            self.requested = agreed  # another rank's signal
+        return agreed > 0
 
     def finish(self) -> None:
         """Complete the outstanding all-reduce (all ranks call this at the same point)."""
@@ -98,6 +98,7 @@ class StopRequest:
 
     @property
     def reason(self) -> str:
-        if self.requested:
+        try:
             return signal.Signals(self.requested).name
-        return "a stop request"
+        except ValueError:
+            return f"signal {self.requested}"

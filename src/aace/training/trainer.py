@@ -34,6 +34,7 @@ from torch import nn
 import aace
 from aace.data import BatchLoader, InMemoryDataset, load_dataset
 from aace.data.loader import _derive_seed
+from aace.integrations.tensorboard import TensorBoardLog
 from aace.models import create_model
 from aace.training import distributed
 from aace.training.checkpoint import (
@@ -64,7 +65,7 @@ SUMMARY = "summary.json"
 # may --accumulate, which splits the same batch differently (BatchNorm sees smaller batches).
 RESUMABLE_CHANGES = (
     "out", "device", "data_dir", "download", "compile", "nonfinite", "accumulate",
-    "checkpoint_every",
+    "checkpoint_every", "tensorboard", "log_every",
 )  # fmt: skip
 EVAL_BATCH_SIZE = 1024
 
@@ -96,6 +97,8 @@ def build_model(config: RunConfig, dataset: InMemoryDataset) -> nn.Module:
         in_channels=dataset.in_channels,
         dropout=config.dropout,
         shakedrop=config.shakedrop,
+        image_size=dataset.image_size,
+        pretrained=config.pretrained,
     )
 
 
@@ -207,6 +210,7 @@ class Trainer:
         self.log = log
         self.out = Path(config.out)
         self.is_main = True  # False on ranks > 0 once fit() knows
+        self.tensorboard: TensorBoardLog | None = None  # rank 0 with --tensorboard
 
     # -- run directory -----------------------------------------------------------------------
 
@@ -298,6 +302,8 @@ class Trainer:
             gc.collect()
             raise
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             context.close()
 
     def _fit(
@@ -374,6 +380,11 @@ class Trainer:
             if position.step:
                 where += f" and step {position.step} of epoch {position.epoch + 1}"
             log(f"resumed from '{self.out / CHECKPOINT}' {where}")
+        if config.tensorboard and context.is_main:
+            steps_done = position.epoch * len(train_loader) + position.step
+            self.tensorboard = TensorBoardLog(
+                self.out, config.log_every, position.epoch, steps_done
+            )
         if context.is_main:
             atomic_write_json(
                 self.out / CONFIG,
@@ -402,6 +413,8 @@ class Trainer:
                     f.write(json.dumps(json_safe(row)) + "\n")
                     f.flush()
                     os.fsync(f.fileno())
+            if self.tensorboard is not None:
+                self.tensorboard.log_epoch(json_safe(row))
             self._save(run, _Position(epoch=epoch + 1, rows=rows))
             log(self._format_row(row))
             if epoch + 1 < config.epochs and stop.agreed():
@@ -419,10 +432,15 @@ class Trainer:
         random streams and, mid-epoch, its loader position and partial sums). A mid-epoch
         checkpoint is written only if no rank has seen a non-finite value in the epoch so far
         (a host sync, at checkpoints only); otherwise the run stops as at the epoch's end."""
+        if self.tensorboard is not None:
+            self.tensorboard.flush()  # the events up to this checkpoint reach the disk first
         per_rank: dict[str, Any] = self._rng_state(run.device)
+        optimizer_state = run.optimizer.state_dict()
         if position.step:
             per_rank["loader"] = run.train_loader.state_dict()
             per_rank["sums"] = sums.state_dict() if sums is not None else None
+            # SAM's previous perturbation, for the cosine: each rank's own under DDP.
+            per_rank["sam_stats"] = optimizer_state.pop("sam_stats", None)
         states = run.context.gather_objects(per_rank)
         if position.step:
             error = EpochSums.first_nonfinite([s["sums"] for s in states])
@@ -436,7 +454,7 @@ class Trainer:
             "epoch": position.epoch,
             "step_in_epoch": position.step,
             "model": run.model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": run.scheduler.state_dict(),
             "rng": dict(states[0], ranks=states) if run.context.enabled else states[0],
             "world_size": run.context.world_size,
@@ -470,6 +488,8 @@ class Trainer:
         model.train()
         for x, y in loader:
             stats = step(x, y)
+            if self.tensorboard is not None:
+                self.tensorboard.log_step(stats.train_loss)
             sums.add(stats, y.shape[0])
             progress.update(stats, y.shape[0])
             done += 1
@@ -534,9 +554,16 @@ class Trainer:
 
     def _restore(self, checkpoint: dict[str, Any], run: _Run) -> _Position:
         path = self.out / CHECKPOINT
+        context = run.context
+        rng = checkpoint.get("rng", {})
+        states = rng.get("ranks", [rng])
+        same_ranks = len(states) == context.world_size
+        optimizer_state = dict(checkpoint["optimizer"])
+        if same_ranks and states[context.rank].get("sam_stats") is not None:
+            optimizer_state["sam_stats"] = states[context.rank]["sam_stats"]
         try:
             run.model.load_state_dict(checkpoint["model"])
-            run.optimizer.load_state_dict(checkpoint["optimizer"])
+            run.optimizer.load_state_dict(optimizer_state)
             run.scheduler.load_state_dict(checkpoint["scheduler"])
             if run.step.scaler.is_enabled() and "scaler" in checkpoint:
                 run.step.scaler.load_state_dict(checkpoint["scaler"])
@@ -549,16 +576,13 @@ class Trainer:
                     f"checkpoint '{path}' does not fit this model/optimizer ({first_line})"
                 )
             ) from error
-        context = run.context
         position = _Position(
             epoch=int(checkpoint["epoch"]),
             step=int(checkpoint.get("step_in_epoch", 0)),
             rows=list(checkpoint.get("metrics", [])),
             seconds=float(checkpoint.get("epoch_seconds", 0.0)),
         )
-        rng = checkpoint.get("rng", {})
-        states = rng.get("ranks", [rng])
-        if len(states) == context.world_size:
+        if same_ranks:
             mine = states[context.rank]
             if "torch" in mine:
                 torch.set_rng_state(mine["torch"])
