@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[test,all]'
 	touch $(STAMP)
 
 # The main job: SGD, SAM and SAM+AACE on scikit-learn's digits, 2 seeds each, then the

@@ -1,6 +1,7 @@
 """Feed the CLI each bad input the README's "Reliability" table lists; print what the user sees.
 
     .venv/bin/python scripts/reliability_table.py > /tmp/table.md
+    .venv/bin/python scripts/reliability_table.py --torchrun   # also under torchrun, 2 workers
 
 Every case runs ``aace`` in a subprocess (as a user would) inside a scratch directory and records
 the exit status and the first line of stderr. The table in the README is this script's output.
@@ -8,7 +9,9 @@ the exit status and the first line of stderr. The table in the README is this sc
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -115,22 +118,57 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
     ]
 
 
+def _first_line(result: subprocess.CompletedProcess, scratch: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    first = lines[0] if lines else "(nothing)"
+    if "Traceback" in result.stderr:
+        first = "TRACEBACK: " + lines[-1]
+    return first.replace(scratch, "/tmp/x").replace("|", "\\|")
+
+
+def _under_torchrun(argv: list[str], env: dict[str, str]) -> str:
+    """Exit status of each of 2 workers and the number of distinct error lines."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", "-m", "aace", *argv]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    statuses = re.findall(r"^\s*exitcode\s*: (-?\d+) \(pid", result.stderr, re.M)
+    if result.returncode == 0:
+        statuses = ["0", "0"]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("aace:")]
+    # torchrun's own report has a traceback of torchrun; a worker's would name aace's files.
+    traceback = "; TRACEBACK" if re.search(r'File "[^"]*/aace/', result.stderr) else ""
+    return f"{', '.join(sorted(statuses))}; {len(lines)} line(s){traceback}"
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--torchrun",
+        action="store_true",
+        help="also run each 'train' case under torchrun with 2 processes and report the "
+        "workers' exit statuses and the number of 'aace:' lines",
+    )
+    args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
-        print("| bad input | exit | what the user sees (stderr, first line) |")
-        print("|---|---|---|")
+        if args.torchrun:
+            print("| bad input | exit | under torchrun: workers' exits; lines | what the user "
+                  "sees (stderr, first line) |")  # fmt: skip
+            print("|---|---|---|---|")
+        else:
+            print("| bad input | exit | what the user sees (stderr, first line) |")
+            print("|---|---|---|")
         for title, argv in cases(tmp):
             result = subprocess.run(
                 [sys.executable, "-m", "aace", *argv], capture_output=True, text=True, env=env
             )
-            lines = result.stderr.strip().splitlines()
-            first = lines[0] if lines else "(nothing)"
-            if "Traceback" in result.stderr:
-                first = "TRACEBACK: " + lines[-1]
-            first = first.replace(scratch, "/tmp/x").replace("|", "\\|")
-            print(f"| {title} | {result.returncode} | `{first}` |")
+            first = _first_line(result, scratch)
+            if not args.torchrun:
+                print(f"| {title} | {result.returncode} | `{first}` |")
+                continue
+            distributed = _under_torchrun(argv, env) if argv[0] == "train" else "(not a job)"
+            print(f"| {title} | {result.returncode} | {distributed} | `{first}` |", flush=True)
 
 
 if __name__ == "__main__":

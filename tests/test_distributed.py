@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -400,10 +402,10 @@ def _resume_worker(rank: int, npz_path: Path, tmp: Path) -> None:
     Trainer(tiny_config(npz_path, tmp / "reference", **overrides), log=lambda _: None).fit()
     real = Trainer._train_epoch
 
-    def dies_in_epoch_3(self, epoch, *args, **kwargs):
+    def dies_in_epoch_3(self, run, epoch, *args, **kwargs):
         if epoch == 2:
             raise _Killed
-        return real(self, epoch, *args, **kwargs)
+        return real(self, run, epoch, *args, **kwargs)
 
     Trainer._train_epoch = dies_in_epoch_3
     try:
@@ -511,3 +513,128 @@ def test_fp16_checkpoint_holds_the_scaler_state(npz_path, tmp_path):
     Trainer(tiny_config(npz_path, out, epochs=1, amp="fp16"), log=lambda _: None).fit()
     scaler = load_checkpoint(out / "checkpoint.pt")["scaler"]
     assert scaler["scale"] > 0 and scaler["_growth_tracker"] == 3  # 3 steps, none skipped
+
+
+# -- torchrun: worker deaths, preemption, two nodes, errors ----------------------------------
+
+FAULTS = str(Path(__file__).with_name("faults.py"))
+
+
+def torchrun_command(npz_path, out, *launcher, extra=()) -> list[str]:
+    launcher = launcher or ("--standalone", "--nproc-per-node", "2")
+    return [
+        sys.executable, "-m", "torch.distributed.run", *launcher, FAULTS, "train",
+        "--dataset", f"npz:{npz_path}", "--model", "wrn10_1", "--epochs", "3",
+        "--batch-size", "16", "--lr", "0.05", "--seed", "1", "--dropout", "0.3",
+        "--aace-mode", "rand", "--out", str(out), "--resume", *extra,
+    ]  # fmt: skip
+
+
+def run_torchrun(command, faults="", **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AACE_FAULTS": faults, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True,
+                          timeout=SPAWN_TIMEOUT * 2, **kwargs)  # fmt: skip
+
+
+def worker_statuses(stderr: str) -> list[int]:
+    """The exit codes of the workers as torchrun's failure report lists them."""
+    return sorted(int(m) for m in re.findall(r"^\s*exitcode\s*: (-?\d+) \(pid", stderr, re.M))
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    assert without_timing(read_rows(out)) == without_timing(read_rows(reference))
+    final, expected = (load_checkpoint(p / "checkpoint.pt") for p in (out, reference))
+    assert_same_weights(final["model"], expected["model"], exact=True)
+    for a, b in zip(final["optimizer"]["state"].values(), expected["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(npz_path, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process torchrun run, checkpoints at epoch ends only."""
+    out = tmp_path_factory.mktemp("torchrun") / "reference"
+    result = run_torchrun(torchrun_command(npz_path, out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_torchrun_max_restarts_rides_through_worker_deaths(npz_path, tmp_path, torchrun_reference):
+    # One death per launch of the group (3 steps per epoch; checkpoints after global steps 2,
+    # 4, 8 and every epoch): rank 1 at start-up; rank 0 in its 4th step (epoch 2 step 1);
+    # rank 1 in the evaluation of epoch 2 (resumed from epoch 2 step 1); rank 0 while writing
+    # the last checkpoint (resumed from epoch 3 step 2). The fifth launch finishes the run.
+    faults = "startup@1,step:4@0,evaluate:1@1,save:3@0"
+    out = tmp_path / "run"
+    launcher = ("--standalone", "--nproc-per-node", "2", "--max-restarts", "4")
+    command = torchrun_command(npz_path, out, *launcher, extra=("--checkpoint-every", "2"))
+    result = run_torchrun(command, faults)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("resumed from") == 3  # the start-up death left no checkpoint
+    assert_same_run(out, torchrun_reference)
+
+
+def test_two_nodes_preempted_by_sigterm_then_resumed(npz_path, tmp_path, torchrun_reference):
+    """Two torchrun launchers on 127.0.0.1 (c10d rendezvous), one process each: the documented
+    multi-node command. Rank 1's launcher gets SIGTERM in step 2 (as from Slurm): both ranks
+    stop at the same step boundary, rank 0 checkpoints, both exit 75; the same commands with
+    --resume finish the run, equal to the uninterrupted one."""
+    out = tmp_path / "run"
+    port = _free_port()
+
+    def launchers() -> list[subprocess.Popen]:
+        nodes = ("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes")  # fmt: skip
+        env = {**os.environ, "AACE_FAULTS": faults, "OMP_NUM_THREADS": "1"}
+        return [
+            subprocess.Popen(torchrun_command(npz_path, out, *nodes), env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]  # fmt: skip
+
+    faults = "sigterm:2@1"
+    first = [p.communicate(timeout=SPAWN_TIMEOUT * 2) for p in launchers()]
+    stderr = "".join(err for _, err in first)
+    # The launcher that got SIGTERM exits on it without a report; the other reports its worker.
+    assert worker_statuses(stderr) == [75], stderr
+    # Where the ranks stopped (they learn of a stop one step boundary late) is in the message
+    # and in the checkpoint.
+    (stopped,) = [line for line in stderr.splitlines() if line.startswith("aace:")]
+    match = re.fullmatch(
+        r"aace: stopped by SIGTERM (at step (\d+) of epoch (\d+)|after epoch (\d+)); checkpoint "
+        rf"written to '{re.escape(str(out / 'checkpoint.pt'))}'\. Run the same command with "
+        r"--resume to continue",
+        stopped,
+    )
+    assert match, stopped
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    if match[2]:
+        assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (
+            int(match[3]) - 1,
+            int(match[2]),
+        )
+    else:
+        assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (int(match[4]), 0)
+    assert checkpoint["epoch"] < 3
+
+    faults = ""
+    second = launchers()
+    for process in second:
+        _, err = process.communicate(timeout=SPAWN_TIMEOUT * 2)
+        assert process.returncode == 0, err
+    assert_same_run(out, torchrun_reference)
+
+
+@pytest.mark.parametrize(
+    "extra, status, message",
+    [
+        (("--rho", "-1"), 2, "aace: error: --rho: got -1.0; expected a finite number >= 0"),
+        (("--lr", "1e8", "--optimizer", "sam"), 3, "aace: error: non-finite "),
+    ],
+)
+def test_torchrun_errors_are_one_line_with_one_status(npz_path, tmp_path, extra, status, message):
+    result = run_torchrun(torchrun_command(npz_path, tmp_path / "run", extra=extra))
+    assert result.returncode != 0
+    assert worker_statuses(result.stderr) == [status, status], result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("aace:")]
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert "terminate called" not in result.stderr

@@ -292,8 +292,10 @@ class _Killed(Exception):
     pass
 
 
-def test_adaptive_run_resumes_to_the_uninterrupted_result(npz_path, tmp_path, monkeypatch):
-    overrides = dict(optimizer="sam-aace", epochs=4, sam_adaptive=0.0)
+def test_adaptive_run_resumes_mid_epoch_to_the_uninterrupted_result(npz_path, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    # 3 steps per epoch; checkpoints at global steps 2, 3 (epoch end) and 4, where it dies.
+    overrides = dict(optimizer="sam-aace", epochs=4, sam_adaptive=0.0, checkpoint_every=2)
     reference = tmp_path / "reference"
     Trainer(tiny_config(npz_path, reference, **overrides), log=lambda _: None).fit()
     fractions = [r["sam_step_fraction"] for r in read_rows(reference)]
@@ -306,15 +308,17 @@ def test_adaptive_run_resumes_to_the_uninterrupted_result(npz_path, tmp_path, mo
     def save_then_die(path, payload):
         real_save(path, payload)
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 3:
             raise _Killed
 
     monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
     with pytest.raises(_Killed):
         Trainer(tiny_config(npz_path, out, **overrides), log=lambda _: None).fit()
     monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
-    state = load_checkpoint(out / "checkpoint.pt")["sam_schedule"]
-    assert state["steps"] == 6 and state["mean"] is not None
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (1, 1)
+    state = checkpoint["sam_schedule"]
+    assert state["steps"] == 4 and state["mean"] is not None
     Trainer(tiny_config(npz_path, out, **overrides), log=lambda _: None).fit(resume=True)
 
     def strip(rows):

@@ -8,14 +8,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from aace.integrations import MissingExtraError
 from aace.training.config import (
     AMP_MODES,
+    BASE_OPTIMIZERS,
     DEVICES,
     OPTIMIZERS,
     PERTURBATION_SYNCS,
@@ -25,18 +29,22 @@ from aace.training.config import (
     RunConfig,
     preset,
 )
+from aace.training.distributed import on_all_ranks, raised_on_all_ranks
+from aace.training.preemption import EXIT_PREEMPTED, Preempted
 from aace.training.step import NonFiniteError
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_LOST_PROCESS = 4
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but its usage errors are one line like every other error of the CLI."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"aace: error: {message}", file=sys.stderr)
-        print(f"hint: {self.prog} --help lists the options", file=sys.stderr)
+        if not _rank():  # every rank of a torchrun job parses the same command line
+            print(f"aace: error: {message}", file=sys.stderr)
+            print(f"hint: {self.prog} --help lists the options", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -48,7 +56,17 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", help="where datasets are read from / downloaded to (default: data)")
     add("--download", action=argparse.BooleanOptionalAction, help="download missing datasets")
     add("--image-size", type=int, help="Food101 resize target in pixels (default 32)")
-    add("--model", help="wrn{depth}_{width} or pyramidnet{depth}_{alpha}[_basic] (default wrn16_1)")
+    add(
+        "--model",
+        help="wrn{depth}_{width}, pyramidnet{depth}_{alpha}[_basic] (default wrn16_1), or "
+        "timm:NAME for any timm architecture (pip install 'aace[timm]')",
+    )
+    add(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        help="timm:NAME only: start from the pretrained weights in the local cache (never "
+        "downloaded; default off)",
+    )
     add("--dropout", type=float, help="WideResNet dropout probability")
     add("--shakedrop", type=float, help="PyramidNet ShakeDrop probability of the last block")
     add("--optimizer", choices=OPTIMIZERS, help="default sam-aace")
@@ -59,7 +77,20 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--lr", type=float, help="base learning rate (default 0.1)")
     add("--momentum", type=float, help="SGD momentum (default 0.9)")
     add("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
-    add("--weight-decay", type=float, help="default 5e-4")
+    add("--weight-decay", type=float, help="default 5e-4 (AdamW's is decoupled: try 0.05)")
+    add(
+        "--base-optimizer",
+        choices=BASE_OPTIMIZERS,
+        help="the optimizer that makes the update, alone (--optimizer sgd) or inside SAM: sgd "
+        "(default; --momentum, --nesterov) or adamw (--betas)",
+    )
+    add(
+        "--betas",
+        type=float,
+        nargs=2,
+        metavar=("BETA1", "BETA2"),
+        help="AdamW's betas (default 0.9 0.999)",
+    )
     add(
         "--batch-size",
         type=int,
@@ -121,6 +152,23 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         help="on a NaN/inf loss or gradient: stop the run (default, last good checkpoint kept) "
         "or skip the step (counted as skipped_steps in the metrics; costs a host sync per pass)",
     )
+    add(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="also write a checkpoint every N optimizer steps, so a kill loses at most N steps "
+        "(default 0: at epoch ends only); a resume continues mid-epoch exactly",
+    )
+    add(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="also write TensorBoard events to OUT/tensorboard (pip install 'aace[tensorboard]')",
+    )
+    add(
+        "--log-every",
+        type=int,
+        help="with --tensorboard: log the training loss every N steps (default 50)",
+    )
     add("--out", help="run directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)")
     add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
 
@@ -157,6 +205,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if given is not None and field.name != "preset":
             values[field.name] = given
     config = RunConfig(**values)
+    if getattr(args, "momentum", None) is not None and config.base_optimizer != "sgd":
+        raise ConfigError(
+            f"--momentum: got {args.momentum}; it is SGD's, not {config.base_optimizer}'s "
+            "(use --betas for AdamW's moment decay)"
+        )
     if args.out is None:
         config.out = str(
             Path("runs") / f"{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
@@ -167,7 +220,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _train(args: argparse.Namespace) -> int:
     from aace.training.trainer import Trainer
 
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ConfigError as error:  # a function of the command line: the same on every rank
+        raise on_all_ranks(error) from None
     trainer = Trainer(config, log=lambda line: print(line, flush=True))
     summary = trainer.fit(resume=args.resume)
     if not trainer.is_main:
@@ -198,6 +254,7 @@ def _eval(args: argparse.Namespace) -> int:
             f"checkpoint '{args.checkpoint}' has {checkpoint['num_classes']} classes but "
             f"{dataset.name} has {dataset.num_classes}"
         )
+    config.pretrained = False  # the checkpoint holds the weights
     model = build_model(config, dataset)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -230,44 +287,106 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # usage errors (status 2) and --help (status 0)
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "eval":
-            return _eval(args)
-        if args.command == "compare":
-            from aace.report import compare_table
-
-            print(compare_table(args.runs))
-            return 0
-        if args.command == "plot":
-            from aace.report import plot_runs
-
-            print(f"wrote {plot_runs(args.runs, args.out)}")
-            return 0
-        return _presets()
-    except KeyboardInterrupt:
-        print("aace: interrupted", file=sys.stderr)
-        return 130
+        return _run(args)
+    except KeyboardInterrupt as error:
+        return _fail(on_all_ranks(error), "interrupted", 130, debug=False, prefix="aace: ")
+    except Preempted as error:
+        return _fail(error, str(error), EXIT_PREEMPTED, args.debug, prefix="aace: ")
     except NonFiniteError as error:
-        if args.debug:
-            traceback.print_exc()
-        print(f"aace: error: {_rank_prefix()}{error}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except (ValueError, OSError) as error:
+        return _fail(error, str(error), EXIT_NONFINITE, args.debug)
+    except RuntimeError as error:
+        if not _lost_contact(error):
+            raise
+        message = (
+            f"lost contact with another process of the job ({_first_line(error)}); its own "
+            "error says why. torchrun --max-restarts restarts the job, or rerun with --resume"
+        )
+        return _fail(error, message, EXIT_LOST_PROCESS, args.debug)
+    except (ValueError, OSError, MissingExtraError) as error:
         # ConfigError, DatasetError, CheckpointError, ReportError are ValueErrors.
-        if args.debug:
-            traceback.print_exc()
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         if isinstance(error, OSError) and not isinstance(error, ValueError):
             message = f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
-        print(f"aace: error: {_rank_prefix()}{message}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(error, message, EXIT_USAGE, args.debug)
 
 
-def _rank_prefix() -> str:
-    """Under torchrun every process reports its error; those of ranks > 0 say which they are."""
-    rank = os.environ.get("RANK", "0")
-    return "" if rank in ("", "0") else f"[rank {rank}] "
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "compare":
+        from aace.report import compare_table
+
+        print(compare_table(args.runs))
+        return 0
+    if args.command == "plot":
+        from aace.report import plot_runs
+
+        print(f"wrote {plot_runs(args.runs, args.out)}")
+        return 0
+    return _presets()
+
+
+def _fail(
+    error: BaseException, message: str, status: int, debug: bool, prefix: str = "aace: error: "
+) -> int:
+    """Report ``error`` in one line and return ``status``.
+
+    Under torchrun an error that every rank raised alike (bad input, an agreed stop) is
+    reported by rank 0 alone; an error of one rank names it. From here on a SIGTERM (torchrun
+    stopping the other workers once one has exited) ends the process with the same status.
+    """
+    _exit_on_sigterm(status)
+    rank = _rank()
+    if rank and raised_on_all_ranks(error):
+        return status
+    if debug:
+        traceback.print_exception(error)
+    print(f"{prefix}{f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr, flush=True)
+    return status
+
+
+def _lost_contact(error: RuntimeError) -> bool:
+    """A collective failed because another rank died (gloo raises a plain RuntimeError)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return _rank_count() > 1 and (
+        isinstance(error, dist.DistError)
+        or "Connection closed by peer" in text
+        or "Connection reset by peer" in text
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0].split("] ")[-1].split(". ")[0] if text else type(error).__name__
+
+
+def _rank_count() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    except ValueError:
+        return 1
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _exit_on_sigterm(status: int) -> None:
+    if _rank_count() <= 1 or threading.current_thread() is not threading.main_thread():
+        return
+
+    def exit_now(signum: int, frame: object) -> None:
+        sys.stderr.flush()
+        os._exit(status)
+
+    signal.signal(signal.SIGTERM, exit_now)
 
 
 if __name__ == "__main__":

@@ -130,13 +130,12 @@ class SAM(Optimizer):
     def first_step(self, zero_grad: bool = False) -> None:
         """Move every parameter with a gradient from w to w + e, saving w exactly.
 
-        Passes over parameter-sized memory, for ``perturbation="aace"`` with ``zero_grad=True``
-        and no ``track_stats``: copy w into the saved buffer, then ``w += scale * g`` in one
-        fused pass (e is never materialized); :meth:`restore` copies w back. The normalized
-        rules and ``track_stats`` form e in place in the gradient first (one pass more), the
-        norms read it once more. With ``zero_grad=True`` the gradients are consumed (e is formed
-        in their memory, then they are set to None); otherwise ``.grad`` is left untouched (at
-        the price of a gradient-sized copy).
+        Passes over parameter-sized memory, for ``perturbation="aace"`` without ``adaptive`` or
+        ``track_stats``: copy w into the saved buffer, then ``w += scale * g`` in one fused pass
+        (e is never materialized); :meth:`restore` copies w back. The normalized rules, ASAM and
+        ``track_stats`` form e in the gradient's memory first (one pass more; the norms read it
+        once more), so with ``zero_grad=False`` they copy g first to leave ``.grad`` untouched.
+        ``zero_grad=True`` sets the gradients to None at the end.
         """
         if self._perturbed:
             raise RuntimeError("first_step() called twice without second_step() in between")
@@ -146,10 +145,12 @@ class SAM(Optimizer):
         rules = {group["perturbation"] for group in self.param_groups}
         needs_norm = self.track_stats or any(_NORMALIZED[r] for r in rules)
 
-        # 1. e starts as (a copy of) g, multiplied by |w| once for ASAM: e = T g.
+        # 1. e starts as g, multiplied by |w| once for ASAM: e = T g. A copy of g only where
+        #    e is formed in place and the caller keeps .grad.
         for bucket in buckets:
             grads = bucket["grads"]
-            bucket["e"] = grads if zero_grad else [g.clone() for g in grads]
+            in_place = bucket["adaptive"] or self.track_stats or _NORMALIZED[bucket["perturbation"]]
+            bucket["e"] = grads if zero_grad or not in_place else [g.clone() for g in grads]
             if bucket["adaptive"]:
                 bucket["scale_w"] = self._abs(bucket["params"], bucket["foreach"])
                 self._mul_(bucket["e"], bucket["scale_w"], bucket["foreach"])
@@ -255,11 +256,27 @@ class SAM(Optimizer):
     # -- state -------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state (momentum buffers, ...) and the shared param groups."""
-        return self.base_optimizer.state_dict()
+        """The base optimizer's state (momentum buffers, ...) and the shared param groups; with
+        ``track_stats``, also the previous perturbation (under ``"sam_stats"``, until
+        :meth:`reset_stats`), so that a run resumed mid-epoch computes the same cosine."""
+        state = self.base_optimizer.state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        previous = {i: self.state[p]["previous_e"] for i, p in enumerate(params)
+                    if "previous_e" in self.state[p]}  # fmt: skip
+        if previous and self._previous_norm is not None:
+            state["sam_stats"] = {"previous_e": previous, "previous_norm": self._previous_norm}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        stats = state_dict.pop("sam_stats", None)
         self.base_optimizer.load_state_dict(state_dict)
+        self.reset_stats()
+        if stats is not None:
+            params = [p for group in self.base_optimizer.param_groups for p in group["params"]]
+            for i, previous in stats["previous_e"].items():
+                self.state[params[i]]["previous_e"] = previous.to(params[i], copy=True)
+            self._previous_norm = stats["previous_norm"].to(params[0].device)
         # The base optimizer rebuilt its group dicts; share them again.
         self.param_groups = self.base_optimizer.param_groups
         for group in self.param_groups:

@@ -31,6 +31,7 @@ per-rank *sums and counts* and reduce them once at the end (never per-batch coll
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,6 +204,9 @@ class BatchLoader:
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         self.dtype = dtype
         self.epoch = 0
+        self._resume: tuple[int, torch.Tensor | None] | None = None
+        self._live_generator: torch.Generator | None = None
+        self._position = 0
 
         if len(self) == 0 and images.shape[0] > 0:
             raise ValueError(
@@ -274,12 +278,39 @@ class BatchLoader:
         x.div_(255.0).sub_(self.mean).div_(self.std)
         return x
 
+    def state_dict(self) -> dict[str, Any]:
+        """Where the current epoch's iteration stands: the epoch, the number of batches yielded
+        and the augmentation generator's state after them. :meth:`load_state_dict` makes the
+        next ``__iter__`` continue from there, batch for batch (for mid-epoch checkpoints)."""
+        generator = self._live_generator
+        return {
+            "epoch": self.epoch,
+            "position": self._position,
+            "augment_state": generator.get_state() if generator is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the epoch of ``state`` at its position. Without ``augment_state`` (a
+        checkpoint of another rank layout) the augmentation stream restarts from its seed."""
+        self.set_epoch(int(state["epoch"]))
+        _check_int("position", state["position"], minimum=0)
+        if state["position"] > len(self):
+            raise ValueError(
+                f"position: got {state['position']}; expected at most {len(self)} batches"
+            )
+        self._resume = (int(state["position"]), state.get("augment_state"))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
         idx = self.indices(epoch)
         generator = self._augment_generator(epoch) if self.train else None
+        start, augment_state = self._resume or (0, None)
+        self._resume = None
+        if generator is not None and augment_state is not None:
+            generator.set_state(augment_state)
+        self._live_generator, self._position = generator, start
         bs = self.batch_size
-        for b in range(len(self)):
+        for b in range(start, len(self)):
             batch = idx[b * bs : (b + 1) * bs]
             x = self.images.index_select(0, batch)
             y = self.labels.index_select(0, batch)
@@ -287,6 +318,7 @@ class BatchLoader:
                 x = self._augment(x, generator)
             else:
                 x = self._normalize(x)
+            self._position = b + 1
             yield x, y
 
     def __repr__(self) -> str:

@@ -8,6 +8,8 @@ Names:
 * ``pyramidnet{depth}_{alpha}``: PyramidNet with bottleneck blocks (e.g. ``pyramidnet272_200``,
   the SAM paper's model); ``_bottleneck`` may be appended explicitly.
 * ``pyramidnet{depth}_{alpha}_basic``: PyramidNet with basic blocks (e.g. ``pyramidnet110_48``).
+* ``timm:NAME``: any timm architecture (``pip install 'aace[timm]'``; see
+  :mod:`aace.integrations.timm`), e.g. ``timm:resnet18`` or ``timm:vit_tiny_patch16_224``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ _WRN_RE = re.compile(r"wrn(\d+)_(\d+)")
 _PYRAMIDNET_RE = re.compile(r"pyramidnet(\d+)_(\d+)(?:_(basic|bottleneck))?")
 _EXPECTED = (
     "wrn{depth}_{width} (e.g. wrn28_10), "
-    "pyramidnet{depth}_{alpha}[_basic|_bottleneck] (e.g. pyramidnet272_200)"
+    "pyramidnet{depth}_{alpha}[_basic|_bottleneck] (e.g. pyramidnet272_200), "
+    "timm:NAME (e.g. timm:resnet18)"
 )
 
 
@@ -38,6 +41,7 @@ def list_models() -> list[str]:
         "pyramidnet{depth}_{alpha}",
         "pyramidnet{depth}_{alpha}_basic",
         "pyramidnet{depth}_{alpha}_bottleneck",
+        "timm:NAME",
         "wrn28_10",
         "wrn16_8",
         "pyramidnet272_200",
@@ -67,6 +71,9 @@ def create_model(
     in_channels: int = 3,
     dropout: float = 0.0,
     shakedrop: float = 0.0,
+    *,
+    image_size: tuple[int, int] | int | None = None,
+    pretrained: bool = False,
 ) -> nn.Module:
     """Build a freshly initialised model from its name (see :func:`list_models`).
 
@@ -78,6 +85,8 @@ def create_model(
         dropout: dropout probability in [0, 1); inside every block for WRN, before the
             classifier for PyramidNet.
         shakedrop: final-block ShakeDrop probability in [0, 1); PyramidNet only.
+        image_size: the input size, for timm models with a fixed one (vision transformers).
+        pretrained: timm models only: pretrained weights from the local cache.
 
     Raises:
         ValueError: unknown name, invalid depth for the architecture, or an argument out of range.
@@ -88,6 +97,22 @@ def create_model(
     in_channels = _check_int("in_channels", in_channels, 1)
     dropout = _check_prob("dropout", dropout)
     shakedrop = _check_prob("shakedrop", shakedrop)
+
+    if name.strip().startswith("timm:"):
+        if shakedrop > 0:
+            raise ValueError(f"shakedrop={shakedrop!r} is only supported by pyramidnet models")
+        from aace.integrations.timm import create_timm_model
+
+        return create_timm_model(
+            name.strip()[len("timm:") :],
+            num_classes,
+            in_channels,
+            dropout=dropout,
+            image_size=image_size,
+            pretrained=pretrained,
+        )
+    if pretrained:
+        raise ValueError(f"pretrained=True is only supported by timm:NAME models, not {name!r}")
 
     key = name.strip().lower()
     match = _WRN_RE.fullmatch(key)

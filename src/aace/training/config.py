@@ -10,6 +10,8 @@ from typing import Any
 from aace.losses import AACE_MODES
 
 OPTIMIZERS = ("sgd", "sam", "sam-aace", "sam-aace-normalized", "asam")
+# The optimizer that makes the update, alone ("sgd" above) or inside SAM (every other rule).
+BASE_OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 AMP_MODES = ("off", "bf16", "fp16")
@@ -47,6 +49,8 @@ class RunConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    base_optimizer: str = "sgd"  # see BASE_OPTIMIZERS; momentum and nesterov are SGD's
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
     batch_size: int = 128
     epochs: int = 200
     schedule: str = "step"
@@ -59,12 +63,21 @@ class RunConfig:
     sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
     accumulate: int = 1  # micro-batches per pass: batch_size = processes x accumulate x micro-batch
     nonfinite: str = "stop"  # a NaN/inf loss or gradient stops the run, or the step is skipped
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
     # Which steps of a SAM run are SAM steps (aace.schedule); the others are plain SGD steps.
     sam_every: int = 1  # a SAM step every sam_every-th step
     sam_start: float = 0.0  # plain steps before this fraction of training
     sam_adaptive: float | None = None  # AE-SAM's threshold c (lagged; see aace.schedule)
     out: str = "runs/run"
     preset: str | None = None
+    pretrained: bool = False  # timm models only: weights from the local cache, never downloaded
+    tensorboard: bool = False  # TensorBoard event files under out/tensorboard
+    log_every: int = 50  # with tensorboard: the training loss every N steps
+
+    def __post_init__(self) -> None:
+        # JSON (config.json) and argparse give lists; keep one type so that runs compare equal.
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
 
     @property
     def resolved_rho(self) -> float:
@@ -92,6 +105,23 @@ class RunConfig:
             fail("sync_bn", self.sync_bn, "True or False")
         if self.nonfinite not in NONFINITE:
             fail("nonfinite", self.nonfinite, f"one of {', '.join(NONFINITE)}")
+        if self.base_optimizer not in BASE_OPTIMIZERS:
+            fail("base_optimizer", self.base_optimizer, f"one of {', '.join(BASE_OPTIMIZERS)}")
+        if (
+            not isinstance(self.betas, tuple)
+            or len(self.betas) != 2
+            or not all(finite(b) and 0 <= b < 1 for b in self.betas)
+        ):
+            fail("betas", self.betas, "two numbers in [0, 1), e.g. --betas 0.9 0.999")
+        if self.base_optimizer != "adamw" and self.betas != (0.9, 0.999):
+            fail("betas", self.betas, "the default (0.9, 0.999) unless --base-optimizer adamw")
+        if self.base_optimizer != "sgd" and self.nesterov:
+            fail("nesterov", self.nesterov, "False unless --base-optimizer sgd")
+        for name in ("pretrained", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, getattr(self, name), "True or False")
+        if self.pretrained and not self.model.startswith("timm:"):
+            fail("pretrained", self.pretrained, "False unless --model timm:NAME")
         if self.aace_mode not in AACE_MODES:
             fail("aace_mode", self.aace_mode, f"one of {', '.join(AACE_MODES)}")
         for name in ("lr", "weight_decay", "momentum"):
@@ -106,14 +136,16 @@ class RunConfig:
             value = getattr(self, name)
             if not finite(value) or not 0 <= value <= 1:
                 fail(name, value, "a number in [0, 1]")
-        for name in ("batch_size", "epochs", "image_size", "accumulate"):
+        for name in ("batch_size", "epochs", "image_size", "accumulate", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, value, "an integer >= 1")
         if self.cutout is not None and (not isinstance(self.cutout, int) or self.cutout < 0):
             fail("cutout", self.cutout, "an integer >= 0")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            fail("seed", self.seed, "an integer >= 0")
+        for name in ("seed", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                fail(name, value, "an integer >= 0")
         self._validate_sam_schedule(fail, finite)
         self.per_rank_batch_size(1)
         return self

@@ -33,9 +33,28 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aace.training.config import ConfigError
 
-__all__ = ["Distributed", "broadcast_buffers", "max_across_ranks_", "setup", "wrap_model"]
+__all__ = [
+    "Distributed",
+    "broadcast_buffers",
+    "max_across_ranks_",
+    "on_all_ranks",
+    "raised_on_all_ranks",
+    "setup",
+    "wrap_model",
+]
 
 T = TypeVar("T")
+
+
+def on_all_ranks(error: BaseException) -> BaseException:
+    """Mark ``error`` as raised identically on every rank (an agreed decision, or a check of
+    inputs that every rank shares), so that the CLI reports it once, from rank 0."""
+    error.aace_on_all_ranks = True  # type: ignore[attr-defined]
+    return error
+
+
+def raised_on_all_ranks(error: BaseException) -> bool:
+    return getattr(error, "aace_on_all_ranks", False)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -57,6 +76,9 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # initialized by setup(), so destroyed by close()
+    # A second gloo group for host-side agreements (stop requests) that must neither wait for a
+    # GPU nor interleave with DDP's collectives.
+    control_group: Any = None
 
     @property
     def enabled(self) -> bool:
@@ -68,10 +90,11 @@ class Distributed:
         return self.rank == 0
 
     def close(self) -> None:
-        """Destroy the process group if :func:`setup` created it."""
+        """Destroy the process group if :func:`setup` created it (the control group with it)."""
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self.owns_group = False
+        self.control_group = None
 
     # -- agreement and reductions ----------------------------------------------------------
 
@@ -103,7 +126,7 @@ class Distributed:
             if not self.is_main:
                 result, error = payload[0]
         if error is not None:
-            raise error
+            raise on_all_ranks(error)
         return result  # type: ignore[return-value]
 
     def main_first(self, fn: Callable[[], T]) -> T:
@@ -120,11 +143,9 @@ class Distributed:
 
     def _raise_any(self, error: BaseException | None) -> None:
         errors = self.gather_objects(_picklable(error))
-        if error is not None:
-            raise error
-        first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            raise first
+        failed = [rank for rank, e in enumerate(errors) if e is not None]
+        if failed:  # every rank raises the same error: the lowest failing rank's
+            raise on_all_ranks(error if failed[0] == self.rank else errors[failed[0]])
 
 
 def _call(fn: Callable[[], T]) -> tuple[T | None, Exception | None]:
@@ -177,11 +198,27 @@ def setup(device: torch.device) -> tuple[Distributed, torch.device]:
             raise ConfigError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend=backend, device_id=device if device.type == "cuda" else None
+            backend=backend,
+            device_id=device if device.type == "cuda" else None,
+            **_restart_store(rank, world_size),
         )
         owns = True
     context.owns_group = owns
+    context.control_group = dist.new_group(backend="gloo")
     return context, device
+
+
+def _restart_store(rank: int, world_size: int) -> dict[str, Any]:
+    """Under ``torchrun --max-restarts``: the rendezvous store, with keys under this launch's
+    restart count. torchrun reuses its store across restarts, and a restarted group that reads
+    the previous launch's addresses fails to connect or hangs (seen with torch 2.14 and gloo);
+    a prefix per restart keeps the launches apart. Empty (``env://`` as usual) otherwise."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+    prefixed = dist.PrefixStore(f"/aace/restart_{restart}", store)
+    return {"store": prefixed, "rank": rank, "world_size": world_size}
 
 
 def wrap_model(

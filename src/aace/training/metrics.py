@@ -22,6 +22,22 @@ TIMING_FIELDS = ("seconds", "images_per_second")
 PASSES = ("perturbation", "update")
 
 
+def _nonfinite_error(first_bad: float) -> NonFiniteError:
+    step, pass_index = divmod(int(first_bad), 2)
+    return NonFiniteError(
+        f"non-finite {PASSES[pass_index]}-pass loss or gradient at step {step} of epoch {{epoch}}"
+    )
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """``value`` with its tensors (also inside a dict) copied to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device, copy=True)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
 class EpochSums:
     """Running sums of the step statistics, kept on the device until the epoch ends, then
     reduced across ranks and read to the host at once (:meth:`row`)."""
@@ -41,6 +57,25 @@ class EpochSums:
         self.skipped = 0
         self.sam_steps = 0  # steps that were (or, if skipped, were to be) SAM steps
         self.sam_steps_taken = 0  # SAM steps not skipped: what the SAM statistics average over
+
+    @staticmethod
+    def first_nonfinite(states: list[dict[str, Any]]) -> NonFiniteError | None:
+        """The error for the earliest non-finite step recorded in the ranks' :meth:`state_dict`
+        (its message has an ``{epoch}`` field), or None."""
+        bad = [float(s["first_bad"]) for s in states if float(s["first_bad"]) >= 0]
+        return _nonfinite_error(min(bad)) if bad else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The partial sums of an unfinished epoch, on the CPU (for a mid-epoch checkpoint)."""
+        return {
+            name: _to(value, torch.device("cpu"))
+            for name, value in vars(self).items()
+            if name != "device"
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, _to(value, self.device))
 
     def add(self, stats: StepStats, batch_size: int) -> None:
         self.steps += 1
@@ -89,11 +124,7 @@ class EpochSums:
         *values, first_bad_value = torch.cat([table[:, :-1].sum(0), first_bad[None]]).tolist()
         v = dict(zip(names, values))
         if math.isfinite(first_bad_value):
-            step, pass_index = divmod(int(first_bad_value), 2)
-            raise NonFiniteError(
-                f"non-finite {PASSES[pass_index]}-pass loss or gradient "
-                f"at step {step} of epoch {{epoch}}"
-            )
+            raise _nonfinite_error(first_bad_value)
         ranks = context.world_size
         skipped = round(v["skipped"] / ranks)  # the ranks agree on which steps they skip
         # The ranks take the same kind of step at each step (aace.schedule under DDP).
@@ -152,12 +183,15 @@ class Progress:
     stays free of per-step host syncs.
     """
 
-    def __init__(self, total: int, epoch: int, epochs: int, enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, epoch: int, epochs: int, enabled: bool = True, initial: int = 0
+    ) -> None:
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", leave=False)
+            desc = f"epoch {epoch}/{epochs}"
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False)
         self.last = time.perf_counter()
         self.start = self.last
         self.samples = 0

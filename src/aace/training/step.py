@@ -34,6 +34,7 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,25 +60,36 @@ SAM_RULES = {
 }
 
 
-def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    """SGD, or SAM around SGD with the rule the optimizer name stands for."""
-    sgd = dict(
+def base_optimizer(config: RunConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The class and hyperparameters of ``--base-optimizer``: SGD (momentum, Nesterov, L2 weight
+    decay) or AdamW (Loshchilov & Hutter, ICLR 2019: decoupled weight decay)."""
+    if config.base_optimizer == "adamw":
+        hyper = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        return torch.optim.AdamW, hyper
+    hyper = dict(
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         nesterov=config.nesterov,
     )
+    return torch.optim.SGD, hyper
+
+
+def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """The base optimizer alone (``--optimizer sgd``), or SAM around it with the rule the
+    optimizer name stands for."""
+    base, hyper = base_optimizer(config)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), **sgd)
+        return base(model.parameters(), **hyper)
     rule, adaptive = SAM_RULES[config.optimizer]
     return SAM(
         model.parameters(),
-        torch.optim.SGD,
+        base,
         rho=config.resolved_rho,
         perturbation=rule,
         adaptive=adaptive,
         track_stats=True,
-        **sgd,
+        **hyper,
     )
 
 

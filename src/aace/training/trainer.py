@@ -15,12 +15,15 @@ writes these files and logs, with metrics reduced over all ranks once per epoch 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,8 @@ from torch import nn
 import aace
 from aace.data import BatchLoader, InMemoryDataset, load_dataset
 from aace.data.loader import _derive_seed
+from aace.integrations.tensorboard import TensorBoardLog
 from aace.models import create_model
-from aace.schedule import SAMSchedule
 from aace.training import distributed
 from aace.training.checkpoint import (
     CheckpointError,
@@ -42,8 +45,9 @@ from aace.training.checkpoint import (
     save_checkpoint,
 )
 from aace.training.config import ConfigError, RunConfig
-from aace.training.distributed import Distributed
+from aace.training.distributed import Distributed, on_all_ranks
 from aace.training.metrics import EpochSums, Progress, json_safe, summarize
+from aace.training.preemption import Preempted, StopRequest
 from aace.training.step import (
     NonFiniteError,
     TrainStep,
@@ -61,6 +65,7 @@ SUMMARY = "summary.json"
 # may --accumulate, which splits the same batch differently (BatchNorm sees smaller batches).
 RESUMABLE_CHANGES = (
     "out", "device", "data_dir", "download", "compile", "nonfinite", "accumulate",
+    "checkpoint_every", "tensorboard", "log_every",
 )  # fmt: skip
 EVAL_BATCH_SIZE = 1024
 
@@ -92,6 +97,8 @@ def build_model(config: RunConfig, dataset: InMemoryDataset) -> nn.Module:
         in_channels=dataset.in_channels,
         dropout=config.dropout,
         shakedrop=config.shakedrop,
+        image_size=dataset.image_size,
+        pretrained=config.pretrained,
     )
 
 
@@ -145,6 +152,56 @@ def evaluate(
     return loss_sum, correct, count
 
 
+@dataclass
+class _Position:
+    """Where a run stands: ``epoch`` epochs finished and ``step`` steps into the next one,
+    the metrics rows so far, and (mid-epoch) the training seconds and this rank's partial
+    sums of the unfinished epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    sums: dict[str, Any] | None = None
+
+
+@dataclass
+class _Run:
+    """The objects of one run that the epoch loop and the checkpoints share."""
+
+    context: Distributed
+    device: torch.device
+    dataset: InMemoryDataset
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: TrainStep
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    stop: StopRequest
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    kept: str = "no checkpoint written"  # what a stop on a non-finite value leaves behind
+
+
+def _merged_sums(states: list[dict[str, Any]], is_main: bool) -> dict[str, Any]:
+    """The partial sums of a checkpoint's ranks as one rank's (rank 0 of a run with another
+    number of processes); the others start from zero but keep the shared step counts."""
+    merged = dict(states[0])
+    for name, value in merged.items():
+        if isinstance(value, torch.Tensor) and name != "first_bad":
+            merged[name] = sum(s[name] for s in states) if is_main else torch.zeros_like(value)
+        elif isinstance(value, dict):
+            merged[name] = {
+                k: sum(s[name][k] for s in states) if is_main else torch.zeros_like(v)
+                for k, v in value.items()
+            }
+    if not is_main:
+        merged["samples"] = 0
+    else:
+        merged["samples"] = sum(s["samples"] for s in states)
+    return merged
+
+
 class Trainer:
     """Trains one run described by a :class:`RunConfig` into its run directory."""
 
@@ -153,6 +210,7 @@ class Trainer:
         self.log = log
         self.out = Path(config.out)
         self.is_main = True  # False on ranks > 0 once fit() knows
+        self.tensorboard: TensorBoardLog | None = None  # rank 0 with --tensorboard
 
     # -- run directory -----------------------------------------------------------------------
 
@@ -227,15 +285,30 @@ class Trainer:
         """Train (or, with ``resume``, continue) the run; returns the summary.
 
         Under torchrun every process calls ``fit``: see :mod:`aace.training.distributed`.
+        SIGTERM stops the run at the next step boundary with a checkpoint and raises
+        :class:`~aace.training.preemption.Preempted` (see :mod:`aace.training.preemption`).
         """
         context, device = distributed.setup(resolve_device(self.config.device))
         self.is_main = context.is_main
         try:
-            return self._fit(context, device, resume)
+            with StopRequest(context) as stop:
+                return self._fit(context, device, resume, stop)
+        except BaseException as error:
+            # The traceback's frames hold the DDP wrapper, whose reducer holds the process
+            # group; free them before the group is destroyed, or the group's threads outlive
+            # it and the process aborts at exit ("terminate called without an active
+            # exception"). The traceback keeps its lines for --debug.
+            traceback.clear_frames(error.__traceback__)
+            gc.collect()
+            raise
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             context.close()
 
-    def _fit(self, context: Distributed, device: torch.device, resume: bool) -> dict[str, Any]:
+    def _fit(
+        self, context: Distributed, device: torch.device, resume: bool, stop: StopRequest
+    ) -> dict[str, Any]:
         config = self.config
         log = self.log if context.is_main else _silent
         batch_size = config.per_rank_batch_size(context.world_size)
@@ -247,19 +320,21 @@ class Trainer:
                 config.dataset, config.data_dir, config.download, config.image_size
             )
         )
+        if config.batch_size > len(dataset.y_train):
+            raise on_all_ranks(
+                ConfigError(
+                    f"--batch-size: got {config.batch_size}, larger than the {dataset.name} "
+                    f"training set ({len(dataset.y_train)} images); expected at most "
+                    f"{len(dataset.y_train)}"
+                )
+            )
         model = build_model(config, dataset).to(device)
         model, ddp = distributed.wrap_model(model, context, device, config.sync_bn)
         if context.enabled:
             # Dropout masks and AACE's "rand" weights differ across ranks.
             torch.manual_seed(_derive_seed(config.seed, context.rank))
         optimizer = build_optimizer(model, config)
-        scheduler = build_scheduler(optimizer, config)
         cutout = dataset.cutout if config.cutout is None else config.cutout
-        if config.batch_size > len(dataset.y_train):
-            raise ConfigError(
-                f"--batch-size: got {config.batch_size}, larger than the {dataset.name} training "
-                f"set ({len(dataset.y_train)} images); expected at most {len(dataset.y_train)}"
-            )
         train_loader = BatchLoader(
             dataset.x_train,
             dataset.y_train,
@@ -275,27 +350,49 @@ class Trainer:
             world_size=context.world_size,
             device=device,
         )
-        test_loader = build_test_loader(dataset, device, context.rank, context.world_size)
         step_model = ddp if ddp is not None else model
         if config.compile:
             step_model = torch.compile(step_model)
-        schedule = build_schedule(config, config.epochs * len(train_loader))
-        step = TrainStep(step_model, optimizer, config, device, ddp=ddp, schedule=schedule)
+        run = _Run(
+            context=context,
+            device=device,
+            dataset=dataset,
+            model=model,
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, config),
+            step=TrainStep(
+                step_model,
+                optimizer,
+                config,
+                device,
+                ddp=ddp,
+                schedule=build_schedule(config, config.epochs * len(train_loader)),
+            ),  # fmt: skip
+            train_loader=train_loader,
+            test_loader=build_test_loader(dataset, device, context.rank, context.world_size),
+            stop=stop,
+        )
 
-        rows: list[dict[str, Any]] = []
-        start_epoch = 0
+        position = _Position()
         if checkpoint is not None:
-            start_epoch, rows = self._restore(
-                checkpoint, model, optimizer, scheduler, step.scaler, device, context, schedule
+            position = self._restore(checkpoint, run)
+            where = f"after epoch {position.epoch}"
+            if position.step:
+                where += f" and step {position.step} of epoch {position.epoch + 1}"
+            log(f"resumed from '{self.out / CHECKPOINT}' {where}")
+        if config.tensorboard and context.is_main:
+            steps_done = position.epoch * len(train_loader) + position.step
+            self.tensorboard = TensorBoardLog(
+                self.out, config.log_every, position.epoch, steps_done
             )
-            log(f"resumed from '{self.out / CHECKPOINT}' after epoch {start_epoch}")
         if context.is_main:
             atomic_write_json(
                 self.out / CONFIG,
                 {"config": config.to_dict(), **self._environment(device, context)},
             )
             atomic_write_text(
-                self.out / METRICS, "".join(json.dumps(json_safe(r)) + "\n" for r in rows)
+                self.out / METRICS,
+                "".join(json.dumps(json_safe(r)) + "\n" for r in position.rows),
             )
         processes = f", {context.world_size} processes" if context.enabled else ""
         log(
@@ -305,86 +402,148 @@ class Trainer:
             f"{processes}, {config.epochs} epochs -> {self.out}"
         )
 
-        for epoch in range(start_epoch, config.epochs):
-            row = self._train_epoch(
-                epoch, step, model, optimizer, train_loader, test_loader, context
-            )
+        rows = run.rows = position.rows
+        run.kept = self._kept(position) if checkpoint is not None else "no checkpoint written"
+        for epoch in range(position.epoch, config.epochs):
+            row = self._train_epoch(run, epoch, position if epoch == position.epoch else None)
             rows.append(row)
-            scheduler.step()
-            rng = context.gather_objects(self._rng_state(device))
-            if not context.is_main:
-                continue
-            with open(self.out / METRICS, "a") as f:
-                f.write(json.dumps(json_safe(row)) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            payload = {
-                "config": config.to_dict(),
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": dict(rng[0], ranks=rng) if context.enabled else rng[0],
-                "world_size": context.world_size,
-                "metrics": rows,
-                "num_classes": dataset.num_classes,
-                "in_channels": dataset.in_channels,
-                "aace_version": aace.__version__,
-            }
-            if step.fp16:
-                payload["scaler"] = step.scaler.state_dict()
-            if schedule is not None:
-                payload["sam_schedule"] = schedule.state_dict()
-            save_checkpoint(self.out / CHECKPOINT, payload)
+            run.scheduler.step()
+            if context.is_main:
+                with open(self.out / METRICS, "a") as f:
+                    f.write(json.dumps(json_safe(row)) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            if self.tensorboard is not None:
+                self.tensorboard.log_epoch(json_safe(row))
+            self._save(run, _Position(epoch=epoch + 1, rows=rows))
             log(self._format_row(row))
+            if epoch + 1 < config.epochs and stop.agreed():
+                raise on_all_ranks(
+                    Preempted(self._stopped_message(stop, f"after epoch {epoch + 1}"))
+                )
 
         summary = summarize(rows, config)
         if context.is_main:
             atomic_write_json(self.out / SUMMARY, summary)
         return summary
 
-    def _train_epoch(
-        self,
-        epoch: int,
-        step: TrainStep,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        train_loader: BatchLoader,
-        test_loader: BatchLoader,
-        context: Distributed,
-    ) -> dict[str, Any]:
-        device = next(model.parameters()).device
-        lr = optimizer.param_groups[0]["lr"]
-        train_loader.set_epoch(epoch)
-        if step.is_sam:
-            optimizer.reset_stats()
-        sums = EpochSums(device)
-        progress = Progress(len(train_loader), epoch + 1, self.config.epochs, context.is_main)
+    def _save(self, run: _Run, position: _Position, sums: EpochSums | None = None) -> None:
+        """Write the checkpoint of ``position`` (rank 0 writes; every rank contributes its
+        random streams and, mid-epoch, its loader position and partial sums). A mid-epoch
+        checkpoint is written only if no rank has seen a non-finite value in the epoch so far
+        (a host sync, at checkpoints only); otherwise the run stops as at the epoch's end."""
+        if self.tensorboard is not None:
+            self.tensorboard.flush()  # the events up to this checkpoint reach the disk first
+        per_rank: dict[str, Any] = self._rng_state(run.device)
+        optimizer_state = run.optimizer.state_dict()
+        if position.step:
+            per_rank["loader"] = run.train_loader.state_dict()
+            per_rank["sums"] = sums.state_dict() if sums is not None else None
+            # SAM's previous perturbation, for the cosine: each rank's own under DDP.
+            per_rank["sam_stats"] = optimizer_state.pop("sam_stats", None)
+        states = run.context.gather_objects(per_rank)
+        if position.step:
+            error = EpochSums.first_nonfinite([s["sums"] for s in states])
+            if error is not None:
+                raise self._nonfinite(error, position.epoch, run.kept)
+        run.kept = self._kept(position)
+        if not run.context.is_main:
+            return
+        payload = {
+            "config": self.config.to_dict(),
+            "epoch": position.epoch,
+            "step_in_epoch": position.step,
+            "model": run.model.state_dict(),
+            "optimizer": optimizer_state,
+            "scheduler": run.scheduler.state_dict(),
+            "rng": dict(states[0], ranks=states) if run.context.enabled else states[0],
+            "world_size": run.context.world_size,
+            "metrics": position.rows,
+            "epoch_seconds": position.seconds,
+            "num_classes": run.dataset.num_classes,
+            "in_channels": run.dataset.in_channels,
+            "aace_version": aace.__version__,
+        }
+        if run.step.fp16:
+            payload["scaler"] = run.step.scaler.state_dict()
+        if run.step.schedule is not None:
+            payload["sam_schedule"] = run.step.schedule.state_dict()
+        save_checkpoint(self.out / CHECKPOINT, payload)
+
+    def _train_epoch(self, run: _Run, epoch: int, resumed: _Position | None) -> dict[str, Any]:
+        """Train one epoch (from ``resumed.step`` when a mid-epoch checkpoint was restored),
+        checkpointing every ``--checkpoint-every`` steps and on a stop request; evaluate."""
+        config, model, step, loader = self.config, run.model, run.step, run.train_loader
+        lr = run.optimizer.param_groups[0]["lr"]
+        sums = EpochSums(run.device)
+        done, seconds_before = 0, 0.0
+        if resumed is not None and resumed.step:
+            done, seconds_before = resumed.step, resumed.seconds
+            sums.load_state_dict(resumed.sums)
+        else:
+            loader.set_epoch(epoch)
+        steps = len(loader)
+        progress = Progress(steps, epoch + 1, config.epochs, run.context.is_main, initial=done)
         start = time.perf_counter()
         model.train()
-        for x, y in train_loader:
+        for x, y in loader:
             stats = step(x, y)
+            if self.tensorboard is not None:
+                self.tensorboard.log_step(stats.train_loss)
             sums.add(stats, y.shape[0])
             progress.update(stats, y.shape[0])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds = time.perf_counter() - start
+            done += 1
+            if done == steps:
+                continue  # the epoch's end checkpoints
+            global_step = epoch * steps + done
+            due = config.checkpoint_every and global_step % config.checkpoint_every == 0
+            stopping = run.stop.agreed()
+            if due or stopping:
+                seconds = seconds_before + time.perf_counter() - start
+                self._save(run, _Position(epoch, done, run.rows, seconds), sums)
+                model.train()
+            if stopping:
+                progress.close()
+                where = f"at step {done} of epoch {epoch + 1}"
+                raise on_all_ranks(Preempted(self._stopped_message(run.stop, where)))
+        if step.is_sam:
+            run.optimizer.reset_stats()  # the next epoch's cosine starts afresh
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        train_seconds = seconds_before + time.perf_counter() - start
         progress.close()
-        distributed.broadcast_buffers(model, context)
-        test = evaluate(model, test_loader, self.config.amp)
+        distributed.broadcast_buffers(model, run.context)
+        test = evaluate(model, run.test_loader, config.amp)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
         try:
-            values, samples = sums.row(step.is_sam, test, context)
+            values, samples = sums.row(step.is_sam, test, run.context)
         except NonFiniteError as error:
-            kept = f"checkpoint of epoch {epoch} kept" if epoch else "no checkpoint written"
-            raise NonFiniteError(
-                f"{str(error).format(epoch=epoch + 1)}; stopped, {kept}. Lower --lr or --rho, "
-                "or pass --nonfinite skip to skip such steps"
-            ) from None
+            raise self._nonfinite(error, epoch, run.kept) from None
         row.update(values)
-        row["seconds"] = time.perf_counter() - start
+        row["seconds"] = seconds_before + time.perf_counter() - start
         row["images_per_second"] = samples / train_seconds if train_seconds > 0 else None
         return row
+
+    @staticmethod
+    def _kept(position: _Position) -> str:
+        if position.step:
+            return f"checkpoint of step {position.step} of epoch {position.epoch + 1} kept"
+        return f"checkpoint of epoch {position.epoch} kept"
+
+    @staticmethod
+    def _nonfinite(error: NonFiniteError, epoch: int, kept: str) -> BaseException:
+        return on_all_ranks(
+            NonFiniteError(
+                f"{str(error).format(epoch=epoch + 1)}; stopped, {kept}. Lower --lr or --rho, "
+                "or pass --nonfinite skip to skip such steps"
+            )
+        )
+
+    def _stopped_message(self, stop: StopRequest, where: str) -> str:
+        return (
+            f"stopped by {stop.reason} {where}; checkpoint written to "
+            f"'{self.out / CHECKPOINT}'. Run the same command with --resume to continue"
+        )
 
     @staticmethod
     def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -393,52 +552,62 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def _restore(
-        self,
-        checkpoint: dict[str, Any],
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        scaler: torch.amp.GradScaler,
-        device: torch.device,
-        context: Distributed,
-        schedule: SAMSchedule | None = None,
-    ) -> tuple[int, list[dict[str, Any]]]:
+    def _restore(self, checkpoint: dict[str, Any], run: _Run) -> _Position:
         path = self.out / CHECKPOINT
-        try:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            scheduler.load_state_dict(checkpoint["scheduler"])
-            if scaler.is_enabled() and "scaler" in checkpoint:
-                scaler.load_state_dict(checkpoint["scaler"])
-            if schedule is not None:
-                schedule.load_state_dict(checkpoint["sam_schedule"])
-        except (RuntimeError, KeyError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise CheckpointError(
-                f"checkpoint '{path}' does not fit this model/optimizer ({first_line})"
-            ) from error
-        epoch = int(checkpoint["epoch"])
+        context = run.context
         rng = checkpoint.get("rng", {})
         states = rng.get("ranks", [rng])
-        if len(states) == context.world_size:
-            rng = states[context.rank]
-            if "torch" in rng:
-                torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and device.type == "cuda":
-                torch.cuda.set_rng_state_all(rng["cuda"])
-        else:
-            # Another number of processes than the checkpoint's: same global batch and data
-            # order, fresh (but seeded) random streams for dropout and AACE's "rand" mode.
-            torch.manual_seed(_derive_seed(self.config.seed, context.rank, epoch))
-            if context.is_main:
-                self.log(
-                    f"notice: the checkpoint was written by {len(states)} process(es), this run "
-                    f"has {context.world_size}; dropout and random AACE weights will not repeat "
-                    "the uninterrupted run"
+        same_ranks = len(states) == context.world_size
+        optimizer_state = dict(checkpoint["optimizer"])
+        if same_ranks and states[context.rank].get("sam_stats") is not None:
+            optimizer_state["sam_stats"] = states[context.rank]["sam_stats"]
+        try:
+            run.model.load_state_dict(checkpoint["model"])
+            run.optimizer.load_state_dict(optimizer_state)
+            run.scheduler.load_state_dict(checkpoint["scheduler"])
+            if run.step.scaler.is_enabled() and "scaler" in checkpoint:
+                run.step.scaler.load_state_dict(checkpoint["scaler"])
+            if run.step.schedule is not None:
+                run.step.schedule.load_state_dict(checkpoint["sam_schedule"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise on_all_ranks(
+                CheckpointError(
+                    f"checkpoint '{path}' does not fit this model/optimizer ({first_line})"
                 )
-        rows = list(checkpoint.get("metrics", []))
-        return epoch, rows
+            ) from error
+        position = _Position(
+            epoch=int(checkpoint["epoch"]),
+            step=int(checkpoint.get("step_in_epoch", 0)),
+            rows=list(checkpoint.get("metrics", [])),
+            seconds=float(checkpoint.get("epoch_seconds", 0.0)),
+        )
+        if same_ranks:
+            mine = states[context.rank]
+            if "torch" in mine:
+                torch.set_rng_state(mine["torch"])
+            if "cuda" in mine and run.device.type == "cuda":
+                torch.cuda.set_rng_state_all(mine["cuda"])
+            if position.step:
+                run.train_loader.load_state_dict(mine["loader"])
+                position.sums = mine["sums"]
+            return position
+        # Another number of processes than the checkpoint's: same global batch and data
+        # order, fresh (but seeded) random streams for dropout, augmentation and AACE's "rand"
+        # mode. Mid-epoch, global step s covers the same samples whatever the number of
+        # processes, so the epoch continues at its step with the old ranks' sums merged.
+        torch.manual_seed(_derive_seed(self.config.seed, context.rank, position.epoch))
+        if position.step:
+            loader_state = dict(states[0]["loader"], augment_state=None)
+            run.train_loader.load_state_dict(loader_state)
+            position.sums = _merged_sums([s["sums"] for s in states], context.is_main)
+        if context.is_main:
+            self.log(
+                f"notice: the checkpoint was written by {len(states)} process(es), this run "
+                f"has {context.world_size}; dropout, augmentation and random AACE weights will "
+                "not repeat the uninterrupted run"
+            )
+        return position
 
     @staticmethod
     def _format_row(row: dict[str, Any]) -> str:

@@ -1,0 +1,118 @@
+"""Run ``aace`` with a fault injected at a chosen point: the fault-injection entry of the tests.
+
+    AACE_FAULTS="step:5@1,evaluate:1" python tests/faults.py train ...        # one process
+    AACE_FAULTS=... torchrun --max-restarts=2 ... tests/faults.py train ...   # under torchrun
+
+``AACE_FAULTS`` is a comma-separated list with one fault per launch: entry i applies to the
+i-th launch of the process (torchrun's ``TORCHELASTIC_RESTART_COUNT``, else ``AACE_LAUNCH``);
+an empty entry, or none, means no fault. A fault is ``POINT:N[@RANK]``: at the N-th time this
+process reaches POINT (on rank RANK only, default 0), it is
+
+* ``startup``  (N ignored): SIGKILLed before it loads the dataset;
+* ``step``: SIGKILLed as it starts its N-th training step;
+* ``evaluate``: SIGKILLed as it starts its N-th evaluation;
+* ``save``: SIGKILLed in its N-th checkpoint write, after the data went to the temporary file
+  and before the rename;
+* ``sigterm``: at the start of its N-th step, sends SIGTERM to its torchrun agent, which
+  forwards it to its workers (as Slurm's or Kubernetes' stop does), or to itself in one
+  process, and waits until the signal has reached it.
+
+Faults are real signals at deterministic points: no timing is involved.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+
+import aace.training.checkpoint as checkpoint
+import aace.training.trainer as trainer
+from aace.cli import main
+from aace.training.step import TrainStep
+
+
+def _fault() -> tuple[str, int] | None:
+    launch = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("AACE_LAUNCH", "0")))
+    faults = os.environ.get("AACE_FAULTS", "").split(",")
+    entry = faults[launch].strip() if launch < len(faults) else ""
+    if not entry:
+        return None
+    spec, _, rank = entry.partition("@")
+    if int(os.environ.get("RANK", "0")) != int(rank or 0):
+        return None
+    point, _, count = spec.partition(":")
+    return point, int(count or 1)
+
+
+def _kill() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _at_nth_call(function, n: int, action):
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            action()
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _sigterm() -> None:
+    """SIGTERM to the launcher (or to this process), then wait until it arrives here, so that
+    the stop is requested in this step whatever the launcher's latency: the signal is blocked,
+    awaited with sigwait, and handed to the installed handler as the kernel would."""
+    under_torchrun = "TORCHELASTIC_RESTART_COUNT" in os.environ
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    os.kill(os.getppid() if under_torchrun else os.getpid(), signal.SIGTERM)
+    signal.sigwait({signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+
+def _killed_mid_write(path, payload) -> None:
+    payload = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, **payload}
+
+    def write(f):
+        torch.save(payload, f)
+        f.flush()
+        _kill()
+
+    checkpoint.atomic_write(path, write)
+
+
+def install(point: str, n: int) -> None:
+    if point == "startup":
+        trainer.load_dataset = _at_nth_call(trainer.load_dataset, 1, _kill)
+    elif point == "step":
+        TrainStep.__call__ = _at_nth_call(TrainStep.__call__, n, _kill)
+    elif point == "sigterm":
+        TrainStep.__call__ = _at_nth_call(TrainStep.__call__, n, _sigterm)
+    elif point == "evaluate":
+        trainer.evaluate = _at_nth_call(trainer.evaluate, n, _kill)
+    elif point == "save":
+        real = trainer.save_checkpoint
+        calls = 0
+
+        def save(path, payload):
+            nonlocal calls
+            calls += 1
+            (_killed_mid_write if calls == n else real)(path, payload)
+
+        trainer.save_checkpoint = save
+    else:
+        raise SystemExit(f"faults.py: unknown fault point {point!r}")
+
+
+if __name__ == "__main__":
+    fault = _fault()
+    if fault is not None:
+        install(*fault)
+    sys.exit(main(sys.argv[1:]))
