@@ -360,3 +360,66 @@ def test_frozen_batchnorm_stats_keeps_running_statistics():
     out_normal = model(x * 3 + 1)
     torch.testing.assert_close(out_frozen, out_normal)
     assert not torch.equal(bn.running_mean, before[0])
+
+
+def test_first_step_keeps_parameter_memory_and_autograd_accumulators():
+    """w + e is written into the parameters' own memory and undone by a copy, so hooks on the
+    gradient accumulators (DDP's all-reduce is one) fire in the second pass. Pointing a
+    parameter at other memory (``Tensor.set_``) would make autograd build a new accumulator
+    without them."""
+    model, x, y = tiny_problem(dtype=torch.float32)
+    params = list(model.parameters())
+    addresses = [p.data_ptr() for p in params]
+    accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in params]
+    fired = []
+    for i, accumulator in enumerate(accumulators):
+        accumulator.register_hook(lambda *_, i=i: fired.append(i))
+    opt = SAM(params, torch.optim.SGD, rho=0.5, perturbation="aace", lr=0.1)
+    aace_loss(model(x), y).backward()
+    fired.clear()
+    opt.first_step(zero_grad=True)
+    assert [p.data_ptr() for p in params] == addresses
+    F.cross_entropy(model(x), y).backward()
+    assert sorted(fired) == list(range(len(params)))
+    opt.second_step(zero_grad=True)
+    assert [p.data_ptr() for p in params] == addresses
+    for p, accumulator in zip(params, accumulators):
+        assert p.view_as(p).grad_fn.next_functions[0][0] is accumulator
+
+
+@pytest.mark.parametrize("rule", ["sam", "aace"])
+def test_track_stats_changes_perturbed_weights_by_rounding_only(rule):
+    """With ``track_stats`` e is formed explicitly (``w + e``); without it the unnormalized rule
+    fuses the scaling into the addition (``w + scale * g`` in one pass)."""
+    results = []
+    for track in (False, True):
+        model, x, y = tiny_problem(dtype=torch.float32)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, perturbation=rule,
+                  track_stats=track, lr=0.1)  # fmt: skip
+        (F.cross_entropy if rule == "sam" else aace_loss)(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-7, atol=2e-7)
+
+
+def test_tracked_cosine_in_float32_matches_the_direct_formula():
+    """The cosine comes from norms (||e||^2 + ||p||^2 - ||p - e||^2) / (2 ||e|| ||p||); in float32
+    it must still agree with the direct cosine of the perturbations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 10))
+    x, y = torch.randn(32, 20), torch.randint(0, 10, (32,))
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, perturbation="aace", lr=0.5,
+              track_stats=True)  # fmt: skip
+    previous = None
+    for _ in range(6):
+        aace_loss(model(x), y).backward()
+        before = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+        opt.first_step(zero_grad=True)
+        e = torch.cat([p.detach().flatten() for p in model.parameters()]).double() - before
+        if previous is not None:
+            direct = F.cosine_similarity(e, previous, dim=0)
+            torch.testing.assert_close(opt.perturbation_cosine.double(), direct, atol=1e-5, rtol=0)
+        previous = e
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)

@@ -20,6 +20,7 @@ from aace.training.trainer import Trainer
 ROW_FIELDS = {
     "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "ce_loss", "aace_loss",
     "grad_norm", "perturbation_norm", "perturbation_cosine", "seconds", "images_per_second",
+    "sam_step_fraction",
     "skipped_steps",
 }  # fmt: skip
 

@@ -124,6 +124,27 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="under torchrun on CUDA: SyncBatchNorm (batch statistics over all processes)",
     )
+    add(
+        "--sam-every",
+        type=int,
+        metavar="K",
+        help="SAM optimizers: a SAM step every K-th step, plain SGD steps between (default 1)",
+    )
+    add(
+        "--sam-start",
+        type=float,
+        metavar="F",
+        help="SAM optimizers: plain SGD steps before fraction F of training, SAM steps after "
+        "(default 0; combines with --sam-every)",
+    )
+    add(
+        "--sam-adaptive",
+        type=float,
+        metavar="C",
+        help="SAM optimizers: a SAM step after a step whose squared gradient norm exceeded its "
+        "moving average by C moving standard deviations (AE-SAM, one step late; costs a host "
+        "sync per step)",
+    )
     add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     add(
         "--nonfinite",

@@ -19,7 +19,6 @@ Which loss produced g is the caller's choice: this optimizer only reads ``.grad`
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -122,6 +121,8 @@ class SAM(Optimizer):
         self.perturbation_norm: torch.Tensor | None = None
         self.perturbation_cosine: torch.Tensor | None = None
         self._previous_norm: torch.Tensor | None = None
+        # (parameters, their saved w, foreach) per bucket between first_step and restore.
+        self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor], bool]] = []
 
     # -- the two steps -----------------------------------------------------------------------
 
@@ -129,21 +130,27 @@ class SAM(Optimizer):
     def first_step(self, zero_grad: bool = False) -> None:
         """Move every parameter with a gradient from w to w + e, saving w exactly.
 
-        With ``zero_grad=True`` the gradients are consumed (scaled in place into e, then set to
-        None), which saves a parameter-sized temporary; otherwise ``.grad`` is left untouched.
+        Passes over parameter-sized memory, for ``perturbation="aace"`` without ``adaptive`` or
+        ``track_stats``: copy w into the saved buffer, then ``w += scale * g`` in one fused pass
+        (e is never materialized); :meth:`restore` copies w back. The normalized rules, ASAM and
+        ``track_stats`` form e in the gradient's memory first (one pass more; the norms read it
+        once more), so with ``zero_grad=False`` they copy g first to leave ``.grad`` untouched.
+        ``zero_grad=True`` sets the gradients to None at the end.
         """
+        if self._perturbed:
+            raise RuntimeError("first_step() called twice without second_step() in between")
         buckets = self._buckets()
         if not buckets:
             return
-        if any(self.state[p].get("perturbed", False) for b in buckets for p in b["params"]):
-            raise RuntimeError("first_step() called twice without second_step() in between")
         rules = {group["perturbation"] for group in self.param_groups}
         needs_norm = self.track_stats or any(_NORMALIZED[r] for r in rules)
 
-        # 1. e starts as (a copy of) g, multiplied by |w| once for ASAM: e = T g.
+        # 1. e starts as g, multiplied by |w| once for ASAM: e = T g. A copy of g only where
+        #    e is formed in place and the caller keeps .grad.
         for bucket in buckets:
             grads = bucket["grads"]
-            bucket["e"] = grads if zero_grad else [g.clone() for g in grads]
+            in_place = bucket["adaptive"] or self.track_stats or _NORMALIZED[bucket["perturbation"]]
+            bucket["e"] = grads if zero_grad or not in_place else [g.clone() for g in grads]
             if bucket["adaptive"]:
                 bucket["scale_w"] = self._abs(bucket["params"], bucket["foreach"])
                 self._mul_(bucket["e"], bucket["scale_w"], bucket["foreach"])
@@ -151,7 +158,8 @@ class SAM(Optimizer):
         # 2. The global norm ||T g|| (one device tensor, no host sync).
         grad_norm = self._global_norm([b["e"] for b in buckets], buckets) if needs_norm else None
 
-        # 3. e = sign * rho * T (T g) [/ (||T g|| + eps)], save w, w += e.
+        # 3. scale = sign * rho [/ (||T g|| + eps)]; e = scale * T (T g) in place, unless it
+        #    is a plain number that step 4 can apply on the fly.
         for bucket in buckets:
             e, params, fe = bucket["e"], bucket["params"], bucket["foreach"]
             if bucket["adaptive"]:
@@ -159,18 +167,26 @@ class SAM(Optimizer):
             scale: float | torch.Tensor = _SIGN[bucket["perturbation"]] * bucket["rho"]
             if _NORMALIZED[bucket["perturbation"]]:
                 scale = scale / (grad_norm.to(params[0].device) + bucket["eps"])
-            self._mul_(e, scale, fe)
-            saved = [self._saved(p) for p in params]
-            if fe:
-                torch._foreach_copy_(saved, params)
-                torch._foreach_add_(params, e)
-            else:
-                for w, s, d in zip(params, saved, e):
-                    s.copy_(w)
-                    w.add_(d)
+            if self.track_stats or isinstance(scale, torch.Tensor):
+                self._mul_(e, scale, fe)
+                scale = 1.0
+            bucket["alpha"] = scale
 
         if self.track_stats:
             self._record_stats(buckets, grad_norm)
+
+        # 4. Save w, then w += alpha * e.
+        for bucket in buckets:
+            e, params, alpha = bucket["e"], bucket["params"], bucket["alpha"]
+            saved = [self._saved(p) for p in params]
+            if bucket["foreach"]:
+                torch._foreach_copy_(saved, params)
+                torch._foreach_add_(params, e, alpha=alpha)
+            else:
+                for w, s, d in zip(params, saved, e):
+                    s.copy_(w)
+                    w.add_(d, alpha=alpha)
+            self._perturbed.append((params, saved, bucket["foreach"]))
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -185,19 +201,32 @@ class SAM(Optimizer):
             self.zero_grad(set_to_none=True)
 
     @torch.no_grad()
+    def plain_step(self, zero_grad: bool = False) -> None:
+        """A step without perturbation: the base optimizer's step on the gradient at w, for the
+        steps that a schedule (:class:`aace.schedule.SAMSchedule`) makes plain steps. The
+        previous perturbation, for ``perturbation_cosine``, stays that of the last SAM step."""
+        if self._perturbed:
+            raise RuntimeError(
+                "plain_step() called between first_step() and second_step(); "
+                "call restore() first to abandon the SAM step"
+            )
+        self.base_optimizer.step()
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
     def restore(self) -> None:
-        """Undo ``first_step`` (w + e -> w, bit for bit) without updating: for skipping a step
-        whose second-pass gradient is not finite, as ``GradScaler`` does."""
-        for bucket in self._buckets(require_grad=False):
-            params = bucket["params"]
-            saved = [self.state[p]["saved_w"] for p in params]
-            if bucket["foreach"]:
+        """Undo ``first_step`` (w + e -> w, bit for bit: a copy of the saved w, not w + e - e)
+        without updating: for skipping a step whose second-pass gradient is not finite, as
+        ``GradScaler`` does. A no-op when no ``first_step`` is pending."""
+        for params, saved, foreach in self._perturbed:
+            if foreach:
                 torch._foreach_copy_(params, saved)
             else:
                 for w, s in zip(params, saved):
                     w.copy_(s)
-            for p in params:
-                self.state[p]["perturbed"] = False
+        self._perturbed.clear()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:  # type: ignore[override]
         """One SAM step. ``.grad`` must already hold the first-pass gradient; ``closure`` must
@@ -259,30 +288,29 @@ class SAM(Optimizer):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _buckets(self, require_grad: bool = True) -> list[dict[str, Any]]:
-        """Parameters split by group and by (device, dtype), so each foreach call is uniform."""
+    def _buckets(self) -> list[dict[str, Any]]:
+        """Parameters with a gradient, split by group and by (device, dtype), so each foreach
+        call is uniform."""
         buckets = []
         for group in self.param_groups:
-            by_key: dict[tuple[torch.device, torch.dtype], dict[str, list]] = defaultdict(
-                lambda: {"params": [], "grads": []}
-            )
+            by_key: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
             for p in group["params"]:
-                if require_grad and p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                if not require_grad and not self.state[p].get("perturbed", False):
-                    continue
-                if require_grad and p.grad.is_sparse:
+                if g.is_sparse:
                     raise RuntimeError("SAM does not support sparse gradients")
-                entry = by_key[(p.device, p.dtype)]
-                entry["params"].append(p)
-                entry["grads"].append(p.grad)
-            for (device, _), entry in by_key.items():
+                params, grads = by_key.setdefault((p.device, p.dtype), ([], []))
+                params.append(p)
+                grads.append(g)
+            for (device, _), (params, grads) in by_key.items():
                 foreach = self.foreach
                 if foreach is None:
                     foreach = device.type in _FOREACH_DEVICES
                 buckets.append(
                     dict(
-                        entry,
+                        params=params,
+                        grads=grads,
                         foreach=foreach,
                         rho=group["rho"],
                         perturbation=group["perturbation"],
@@ -294,10 +322,10 @@ class SAM(Optimizer):
 
     def _saved(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
-        if "saved_w" not in state:
-            state["saved_w"] = torch.empty_like(p, memory_format=torch.preserve_format)
-        state["perturbed"] = True
-        return state["saved_w"]
+        saved = state.get("saved_w")
+        if saved is None:
+            saved = state["saved_w"] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return saved
 
     @staticmethod
     def _abs(tensors: list[torch.Tensor], foreach: bool) -> list[torch.Tensor]:
@@ -326,20 +354,32 @@ class SAM(Optimizer):
         self, tensor_lists: list[list[torch.Tensor]], buckets: list[dict[str, Any]]
     ) -> torch.Tensor:
         """L2 norm over all tensors of all buckets, accumulated in float32 (or float64) on the
-        first bucket's device."""
+        first bucket's device: the norm of the per-tensor norms, stacked once per bucket."""
         device = buckets[0]["params"][0].device
-        norms = []
+        per_bucket = []
         for tensors, bucket in zip(tensor_lists, buckets):
-            for n in self._norms(tensors, bucket["foreach"]):
-                norms.append(n.to(device=device, dtype=torch.promote_types(n.dtype, torch.float32)))
-        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
-        return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+            norms = torch.stack(self._norms(tensors, bucket["foreach"]))
+            per_bucket.append(
+                norms.to(device=device, dtype=torch.promote_types(norms.dtype, torch.float32))
+            )
+        dtype = (
+            torch.float64 if any(n.dtype == torch.float64 for n in per_bucket) else torch.float32
+        )
+        return torch.linalg.vector_norm(torch.cat([n.to(dtype) for n in per_bucket]))
 
     def _record_stats(self, buckets: list[dict[str, Any]], grad_norm: torch.Tensor) -> None:
-        """grad_norm = ||T g||, perturbation_norm = ||e||, cosine(e, previous e)."""
+        """grad_norm = ||T g||, perturbation_norm = ||e||, cosine(e, previous e).
+
+        The dot product comes from norms, e . p = (||e||^2 + ||p||^2 - ||p - e||^2) / 2 with p
+        the previous e (whose norm is kept), so that it costs two fused passes per bucket
+        (p -= e in place, its norm) instead of a kernel and a transfer per parameter; then e is
+        copied into p. Evaluated in float64 from the norms: accurate to about the norms' own
+        rounding divided by 1 - cosine.
+        """
         perturbation_norm = self._global_norm([b["e"] for b in buckets], buckets)
         device = perturbation_norm.device
-        dots, have_previous = [], True
+        have_previous = self._previous_norm is not None
+        previous_lists = []
         for bucket in buckets:
             previous = []
             for p in bucket["params"]:
@@ -348,20 +388,25 @@ class SAM(Optimizer):
                     have_previous = False
                     state["previous_e"] = torch.empty_like(p)
                 previous.append(state["previous_e"])
-            if have_previous:
-                for e, prev in zip(bucket["e"], previous):
-                    dots.append(torch.dot(e.flatten(), prev.flatten()).to(device, torch.float64))
+            previous_lists.append(previous)
+        if have_previous:
+            for previous, bucket in zip(previous_lists, buckets):
+                if bucket["foreach"]:
+                    torch._foreach_sub_(previous, bucket["e"])
+                else:
+                    for prev, e in zip(previous, bucket["e"]):
+                        prev.sub_(e)
+            distance = self._global_norm(previous_lists, buckets).double()
+            now, before = perturbation_norm.double(), self._previous_norm.to(device).double()
+            cosine = (now * now + before * before - distance * distance) / (2 * now * before)
+        else:
+            cosine = torch.tensor(float("nan"), device=device, dtype=torch.float64)
+        for previous, bucket in zip(previous_lists, buckets):
             if bucket["foreach"]:
                 torch._foreach_copy_(previous, bucket["e"])
             else:
                 for prev, e in zip(previous, bucket["e"]):
                     prev.copy_(e)
-        if have_previous and self._previous_norm is not None:
-            cosine = torch.stack(dots).sum() / (
-                perturbation_norm.double() * self._previous_norm.double()
-            )
-        else:
-            cosine = torch.tensor(float("nan"), device=device, dtype=torch.float64)
         self.grad_norm = grad_norm
         self.perturbation_norm = perturbation_norm
         self.perturbation_cosine = cosine.to(perturbation_norm.dtype)

@@ -64,6 +64,10 @@ class RunConfig:
     accumulate: int = 1  # micro-batches per pass: batch_size = processes x accumulate x micro-batch
     nonfinite: str = "stop"  # a NaN/inf loss or gradient stops the run, or the step is skipped
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
+    # Which steps of a SAM run are SAM steps (aace.schedule); the others are plain SGD steps.
+    sam_every: int = 1  # a SAM step every sam_every-th step
+    sam_start: float = 0.0  # plain steps before this fraction of training
+    sam_adaptive: float | None = None  # AE-SAM's threshold c (lagged; see aace.schedule)
     out: str = "runs/run"
     preset: str | None = None
     pretrained: bool = False  # timm models only: weights from the local cache, never downloaded
@@ -142,8 +146,35 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, value, "an integer >= 0")
+        self._validate_sam_schedule(fail, finite)
         self.per_rank_batch_size(1)
         return self
+
+    def _validate_sam_schedule(self, fail: Any, finite: Any) -> None:
+        every, start, adaptive = self.sam_every, self.sam_start, self.sam_adaptive
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            fail("sam_every", every, "an integer >= 1")
+        if not finite(start) or not 0 <= start < 1:
+            fail("sam_start", start, "a number in [0, 1)")
+        if adaptive is not None and not finite(adaptive):
+            fail("sam_adaptive", adaptive, "a finite number (AE-SAM's threshold c)")
+        given = [
+            f"--{name} {value}"
+            for name, value, default in (
+                ("sam-every", every, 1), ("sam-start", start, 0), ("sam-adaptive", adaptive, None)
+            )
+            if value != default
+        ]  # fmt: skip
+        if given and self.optimizer == "sgd":
+            raise ConfigError(
+                f"{given[0]}: schedules SAM steps, but --optimizer is sgd; "
+                f"expected a SAM optimizer ({', '.join(o for o in OPTIMIZERS if o != 'sgd')})"
+            )
+        if adaptive is not None and len(given) > 1:
+            raise ConfigError(
+                f"--sam-adaptive: got {adaptive!r} together with {given[0]}; the adaptive rule "
+                "decides every step itself, expected --sam-every 1 and --sam-start 0"
+            )
 
     def per_rank_batch_size(self, world_size: int) -> int:
         """The batch of one process per step, from the global ``batch_size``.

@@ -55,6 +55,8 @@ class EpochSums:
         self.steps = 0
         self.samples = 0
         self.skipped = 0
+        self.sam_steps = 0  # steps that were (or, if skipped, were to be) SAM steps
+        self.sam_steps_taken = 0  # SAM steps not skipped: what the SAM statistics average over
 
     @staticmethod
     def first_nonfinite(states: list[dict[str, Any]]) -> NonFiniteError | None:
@@ -77,6 +79,7 @@ class EpochSums:
 
     def add(self, stats: StepStats, batch_size: int) -> None:
         self.steps += 1
+        self.sam_steps += int(stats.sam_step)
         if stats.first_pass_finite is not None or stats.update_pass_finite is not None:
             finite_first, finite_update = stats.first_pass_finite, stats.update_pass_finite
             finite_first = self.finite if finite_first is None else finite_first
@@ -92,6 +95,7 @@ class EpochSums:
             self.sums[name] += getattr(stats, name).double() * batch_size
         self.sums["correct"] += stats.correct
         if stats.grad_norm is not None:
+            self.sam_steps_taken += 1
             self.sam["grad_norm"] += stats.grad_norm.double()
             self.sam["perturbation_norm"] += stats.perturbation_norm.double()
             cosine = stats.perturbation_cosine.double()
@@ -123,7 +127,8 @@ class EpochSums:
             raise _nonfinite_error(first_bad_value)
         ranks = context.world_size
         skipped = round(v["skipped"] / ranks)  # the ranks agree on which steps they skip
-        n, done = max(v["samples"], 1), max(ranks * (self.steps - skipped), 1)
+        # The ranks take the same kind of step at each step (aace.schedule under DDP).
+        n, done = max(v["samples"], 1), max(ranks * self.sam_steps_taken, 1)
         test_count = max(v["test_count"], 1)
         row: dict[str, float | None] = {
             "train_loss": v["train_loss"] / n,
@@ -134,11 +139,12 @@ class EpochSums:
             "perturbation_norm": None,
             "perturbation_cosine": None,
             "skipped_steps": skipped,
+            "sam_step_fraction": self.sam_steps / self.steps if self.steps else None,
             "test_loss": v["test_loss"] / test_count,
             "test_acc": v["test_correct"] / test_count,
         }
-        if is_sam:
-            # Means over the steps taken and, under DDP, over the ranks' own perturbations.
+        if is_sam and self.sam_steps_taken:
+            # Means over the SAM steps taken and, under DDP, over the ranks' own perturbations.
             row["grad_norm"] = v["grad_norm"] / done
             row["perturbation_norm"] = v["perturbation_norm"] / done
             if v["cosine_count"] > 0:

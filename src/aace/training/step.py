@@ -19,10 +19,18 @@ The same step serves one process and DDP, with gradient accumulation and mixed p
 * **float16.** A ``GradScaler`` scales both passes' losses; the gradients are unscaled before
   ``first_step`` and before ``second_step`` (:func:`aace.amp.unscale_`), and the whole SAM step
   is skipped when either pass overflows.
+* **Schedules** (``--sam-every``, ``--sam-start``, ``--sam-adaptive``; :mod:`aace.schedule`).
+  A step that the schedule makes plain is an SGD step inside the SAM run: one pass with the
+  update loss (BatchNorm statistics updated as by SGD), then ``SAM.plain_step``. The adaptive
+  rule observes the squared norm of the step's first-pass gradient at w, after unscaling and
+  accumulation; under DDP it is max-reduced across ranks (the perturbation pass of
+  ``--perturbation-sync local`` has one gradient per rank), so all ranks keep the same
+  statistics and take the same kind of step.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -37,6 +45,7 @@ from aace import amp
 from aace.batchnorm import frozen_batchnorm_stats
 from aace.losses import aace_loss
 from aace.sam import SAM
+from aace.schedule import SAMSchedule, squared_grad_norm
 from aace.training.config import RunConfig
 from aace.training.distributed import max_across_ranks_
 
@@ -84,6 +93,20 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimize
     )
 
 
+def build_schedule(config: RunConfig, total_steps: int) -> SAMSchedule | None:
+    """The run's :class:`SAMSchedule`, or None when every step is a SAM step (or for SGD).
+    ``--sam-start F`` makes the steps before ``ceil(F * total_steps)`` plain."""
+    if config.optimizer == "sgd":
+        return None
+    if config.sam_every == 1 and config.sam_start == 0 and config.sam_adaptive is None:
+        return None
+    return SAMSchedule(
+        every=config.sam_every,
+        start_step=math.ceil(config.sam_start * total_steps),
+        adaptive=config.sam_adaptive,
+    )
+
+
 class NonFiniteError(RuntimeError):
     """The loss or a gradient became NaN/inf; the message says at which epoch, step and pass."""
 
@@ -107,6 +130,7 @@ class StepStats:
     first_pass_finite: torch.Tensor | None = None  # bool: perturbation loss and gradient
     update_pass_finite: torch.Tensor | None = None  # bool: update loss
     skipped_pass: str | None = None  # "perturbation" or "update" when the step was skipped
+    sam_step: bool = False  # the step was (or, if skipped, was to be) a SAM step
 
 
 def autocast(device: torch.device, amp_mode: str) -> AbstractContextManager:
@@ -137,6 +161,7 @@ class TrainStep:
         ddp: the ``DistributedDataParallel`` wrapper when ``model`` is (a compiled) one; its
             ``no_sync`` keeps passes and micro-batches out of the gradient all-reduce, and
             skip decisions are agreed on by all ranks.
+        schedule: which steps of a SAM run are SAM steps (:func:`build_schedule`); None: all.
 
     ``scaler`` is the ``GradScaler`` (enabled with ``amp="fp16"``), for checkpoints.
     """
@@ -148,12 +173,14 @@ class TrainStep:
         config: RunConfig,
         device: torch.device,
         ddp: DistributedDataParallel | None = None,
+        schedule: SAMSchedule | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.config = config
         self.ddp = ddp
         self.is_sam = isinstance(optimizer, SAM)
+        self.schedule = schedule if self.is_sam else None
         self.uses_aace = config.optimizer in ("sam-aace", "sam-aace-normalized")
         self.skip_nonfinite = config.nonfinite == "skip"
         self.local_perturbation = config.perturbation_sync == "local"
@@ -273,15 +300,30 @@ class TrainStep:
         if self.buffers:
             torch._foreach_copy_(self.saved_buffers, self.buffers)
 
+    def _observe(self) -> None:
+        """The adaptive schedule's statistic: ||g||^2 of the pass just taken, equal on all
+        ranks (one 0-dim all-reduce under DDP)."""
+        if self.schedule is None or self.schedule.adaptive is None:
+            return
+        value = squared_grad_norm(self.params)
+        if self.ddp is not None:
+            max_across_ranks_(value)
+        self.schedule.observe(value)
+
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
         self._save_buffers()
         micro_batches = self._micro_batches(x, y)
-        if not self.is_sam:
+        sam_step = self.is_sam and (self.schedule is None or self.schedule.sam_step())
+        if not sam_step:
             logits, loss = self._pass(micro_batches, self.update_loss, perturbation_pass=False)
             skipped = self._skip(loss, "update")
             if skipped is not None:
                 return skipped
-            self.optimizer.step()
+            self._observe()
+            if self.is_sam:
+                self.optimizer.plain_step()
+            else:
+                self.optimizer.step()
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             stats = self._stats(logits, y)
@@ -291,7 +333,9 @@ class TrainStep:
         logits, loss = self._pass(micro_batches, self.perturbation_loss, perturbation_pass=True)
         skipped = self._skip(loss, "perturbation")
         if skipped is not None:
+            skipped.sam_step = True
             return skipped
+        self._observe()
         self.optimizer.first_step(zero_grad=True)
         with frozen_batchnorm_stats(self.model):
             _, adversarial_loss = self._pass(
@@ -299,10 +343,12 @@ class TrainStep:
             )
         skipped = self._skip(adversarial_loss, "update")
         if skipped is not None:
+            skipped.sam_step = True
             return skipped
         self.optimizer.second_step(zero_grad=True)
         self.scaler.update()
         stats = self._stats(logits, y)
+        stats.sam_step = True
         stats.grad_norm = self.optimizer.grad_norm
         stats.perturbation_norm = self.optimizer.perturbation_norm
         stats.perturbation_cosine = self.optimizer.perturbation_cosine

@@ -48,7 +48,13 @@ from aace.training.config import ConfigError, RunConfig
 from aace.training.distributed import Distributed, on_all_ranks
 from aace.training.metrics import EpochSums, Progress, json_safe, summarize
 from aace.training.preemption import Preempted, StopRequest
-from aace.training.step import NonFiniteError, TrainStep, autocast, build_optimizer
+from aace.training.step import (
+    NonFiniteError,
+    TrainStep,
+    autocast,
+    build_optimizer,
+    build_schedule,
+)
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -354,7 +360,14 @@ class Trainer:
             model=model,
             optimizer=optimizer,
             scheduler=build_scheduler(optimizer, config),
-            step=TrainStep(step_model, optimizer, config, device, ddp=ddp),
+            step=TrainStep(
+                step_model,
+                optimizer,
+                config,
+                device,
+                ddp=ddp,
+                schedule=build_schedule(config, config.epochs * len(train_loader)),
+            ),  # fmt: skip
             train_loader=train_loader,
             test_loader=build_test_loader(dataset, device, context.rank, context.world_size),
             stop=stop,
@@ -453,6 +466,8 @@ class Trainer:
         }
         if run.step.fp16:
             payload["scaler"] = run.step.scaler.state_dict()
+        if run.step.schedule is not None:
+            payload["sam_schedule"] = run.step.schedule.state_dict()
         save_checkpoint(self.out / CHECKPOINT, payload)
 
     def _train_epoch(self, run: _Run, epoch: int, resumed: _Position | None) -> dict[str, Any]:
@@ -552,6 +567,8 @@ class Trainer:
             run.scheduler.load_state_dict(checkpoint["scheduler"])
             if run.step.scaler.is_enabled() and "scaler" in checkpoint:
                 run.step.scaler.load_state_dict(checkpoint["scaler"])
+            if run.step.schedule is not None:
+                run.step.schedule.load_state_dict(checkpoint["sam_schedule"])
         except (RuntimeError, KeyError, ValueError) as error:
             first_line = str(error).strip().splitlines()[0]
             raise on_all_ranks(
