@@ -13,9 +13,8 @@ process reaches POINT (on rank RANK only, default 0), it is
 * ``evaluate``: SIGKILLed as it starts its N-th evaluation;
 * ``save``: SIGKILLed in its N-th checkpoint write, after the data went to the temporary file
   and before the rename;
-* ``sigterm``: at the start of its N-th step, sends SIGTERM to its torchrun agent, which
-  forwards it to its workers (as Slurm's or Kubernetes' stop does), or to itself in one
-  process, and waits until the signal has reached it.
+* ``sigterm``: receives SIGTERM at the start of its N-th step (this process only; under
+  torchrun the other ranks learn of it through the trainer's stop agreement).
 
 Faults are real signals at deterministic points: no timing is involved.
 """
@@ -25,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 import torch
 
@@ -66,15 +66,12 @@ def _at_nth_call(function, n: int, action):
 
 
 def _sigterm() -> None:
-    """SIGTERM to the launcher (or to this process), then wait until it arrives here, so that
-    the stop is requested in this step whatever the launcher's latency: the signal is blocked,
-    awaited with sigwait, and handed to the installed handler as the kernel would."""
-    under_torchrun = "TORCHELASTIC_RESTART_COUNT" in os.environ
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    os.kill(os.getppid() if under_torchrun else os.getpid(), signal.SIGTERM)
-    signal.sigwait({signal.SIGTERM})
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+    """SIGTERM to this process's main thread (under torchrun: to this worker only, as a
+    scheduler that signals every process of a job reaches each at its own moment). A signal a
+    thread sends itself is delivered before ``pthread_kill`` returns, so the handler runs
+    before this step does. (A process-directed ``os.kill`` may land on another thread, and the
+    handler then runs a little later.)"""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
 
 def _killed_mid_write(path, payload) -> None:

@@ -80,14 +80,17 @@ class StopRequest:
             work, flag = self._pending
             work.wait()
             agreed = int(flag[0])  # a CPU tensor: no device synchronization
+        self._pending = None
+        if agreed:  # every rank stops here: no collective is left outstanding
+            if self.requested is None:
+                self.requested = agreed  # another rank's signal
+            return True
         flag = torch.tensor([self.requested or 0], dtype=torch.int32)
         work = dist.all_reduce(
             flag, op=dist.ReduceOp.MAX, group=self.context.control_group, async_op=True
         )
         self._pending = (work, flag)
-        if agreed and self.requested is None:
-            self.requested = agreed  # another rank's signal
-        return agreed > 0
+        return False
 
     def finish(self) -> None:
         """Complete the outstanding all-reduce (all ranks call this at the same point)."""
