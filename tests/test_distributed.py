@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -586,13 +587,22 @@ def test_two_nodes_preempted_by_sigterm_then_resumed(npz_path, tmp_path, torchru
                  "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes")  # fmt: skip
         env = {**os.environ, "AACE_FAULTS": faults, "OMP_NUM_THREADS": "1"}
         return [
-            subprocess.Popen(torchrun_command(npz_path, out, *nodes), env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(torchrun_command(npz_path, out, *nodes), env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             start_new_session=True)
             for _ in range(2)
         ]  # fmt: skip
 
+    def finish(processes: list[subprocess.Popen]) -> list[tuple[str, str]]:
+        try:
+            return [p.communicate(timeout=SPAWN_TIMEOUT * 2) for p in processes]
+        finally:  # a hung launch must not outlive the test with its workers
+            for process in processes:
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+
     faults = "sigterm:2@1"
-    first = [p.communicate(timeout=SPAWN_TIMEOUT * 2) for p in launchers()]
+    first = finish(launchers())
     stderr = "".join(err for _, err in first)
     assert worker_statuses(stderr) == [75, 75], stderr
     # Where the ranks stopped (they learn of a stop one step boundary late) is in the message
@@ -617,8 +627,7 @@ def test_two_nodes_preempted_by_sigterm_then_resumed(npz_path, tmp_path, torchru
 
     faults = ""
     second = launchers()
-    for process in second:
-        _, err = process.communicate(timeout=SPAWN_TIMEOUT * 2)
+    for process, (_, err) in zip(second, finish(second)):
         assert process.returncode == 0, err
     assert_same_run(out, torchrun_reference)
 
