@@ -59,8 +59,10 @@ class Net(SAMModule):
         return self.net(x)
 
     def configure_optimizers(self):
+        # track_stats as aace train's optimizer: with it SAM takes its unfused perturbation
+        # path, whose last bits differ from the fused one.
         opt = SAM(self.parameters(), torch.optim.SGD, rho=RHO, perturbation="aace", lr=LR,
-                  momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)  # fmt: skip
+                  momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, track_stats=True)  # fmt: skip
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=EPOCHS)
         return {"optimizer": opt, "lr_scheduler": scheduler}
 

@@ -30,7 +30,7 @@ from aace.training.config import (
     preset,
 )
 from aace.training.distributed import on_all_ranks, raised_on_all_ranks
-from aace.training.preemption import EXIT_PREEMPTED, Preempted
+from aace.training.preemption import EXIT_PREEMPTED, Preempted, defer_sigterm
 from aace.training.step import NonFiniteError
 
 EXIT_USAGE = 2
@@ -289,6 +289,8 @@ def _presets() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if _rank_count() > 1:
+        defer_sigterm()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

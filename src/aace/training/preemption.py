@@ -25,10 +25,24 @@ import torch.distributed as dist
 
 from aace.training.distributed import Distributed
 
-__all__ = ["EXIT_PREEMPTED", "Preempted", "StopRequest"]
+__all__ = ["EXIT_PREEMPTED", "Preempted", "StopRequest", "defer_sigterm"]
 
 # EX_TEMPFAIL of sysexits.h: "a temporary failure; the user is invited to retry".
 EXIT_PREEMPTED = 75
+
+
+# SIGTERMs received while only deferred (before a run's StopRequest was active).
+_deferred: list[int] = []
+
+
+def defer_sigterm() -> None:
+    """From now on a SIGTERM is remembered instead of killing the process; a run started later
+    stops at its first step boundary. Under torchrun the CLI calls this first thing: torchrun
+    SIGTERMs the other workers as soon as one exits, and a worker that is about to report the
+    same error (a bad argument every rank checks) should exit with that error's status, not
+    die of the signal. Only from the main thread (Python's rule for handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: _deferred.append(signum))
 
 
 class Preempted(Exception):
@@ -59,6 +73,8 @@ class StopRequest:
         if threading.current_thread() is threading.main_thread():
             for signum in self.signals:
                 self._previous[signum] = signal.signal(signum, self._handle)
+        if _deferred:
+            self.request(_deferred[0])
         return self
 
     def __exit__(self, exc_type: type | None, *exc_info: object) -> None:
