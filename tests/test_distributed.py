@@ -642,7 +642,13 @@ def test_two_nodes_preempted_by_sigterm_then_resumed(npz_path, tmp_path, torchru
 def test_torchrun_errors_are_one_line_with_one_status(npz_path, tmp_path, extra, status, message):
     result = run_torchrun(torchrun_command(npz_path, tmp_path / "run", extra=extra))
     assert result.returncode != 0
-    assert worker_statuses(result.stderr) == [status, status], result.stderr
+    statuses = worker_statuses(result.stderr)
+    if status == 2:
+        # A bad argument is found within a second of the start: a worker still importing torch
+        # when another exits can be SIGTERMed by torchrun before aace's handler is installed.
+        assert status in statuses and set(statuses) <= {status, -15}, result.stderr
+    else:
+        assert statuses == [status, status], result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("aace:")]
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
     assert "terminate called" not in result.stderr
