@@ -1,4 +1,4 @@
-"""The ``aace`` command line: train, eval, compare, plot, sharpness, presets.
+"""The ``aace`` command line: train, sweep, eval, compare, plot, sharpness, presets.
 
 Every user error becomes one line on stderr and exit status 2; ``--debug`` shows the traceback.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -56,6 +57,19 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", help="where datasets are read from / downloaded to (default: data)")
     add("--download", action=argparse.BooleanOptionalAction, help="download missing datasets")
     add("--image-size", type=int, help="Food101 resize target in pixels (default 32)")
+    add(
+        "--label-noise",
+        type=float,
+        metavar="RATE",
+        help="change exactly round(RATE x n) training labels, each to another class drawn "
+        "uniformly (symmetric noise; test set untouched; default 0)",
+    )
+    add(
+        "--label-noise-seed",
+        type=int,
+        metavar="S",
+        help="seed of the label corruption, independent of --seed (default 0)",
+    )
     add(
         "--model",
         help="wrn{depth}_{width}, pyramidnet{depth}_{alpha}[_basic] (default wrn16_1), or "
@@ -186,8 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-dir", help="override the dataset directory of the run")
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
 
-    compare = commands.add_parser("compare", help="table of test accuracy over run directories")
+    compare = commands.add_parser(
+        "compare",
+        help="table of test accuracy over run directories: mean, std, 95 %% CI and n per row",
+    )
     compare.add_argument("runs", nargs="+", help="run directories")
+    compare.add_argument(
+        "--baseline",
+        metavar="NAME",
+        help="a row's optimizer as the table shows it (e.g. sgd, 'sam rho=0.05'): adds each "
+        "row's difference to it and the p-value of Welch's t-test",
+    )
 
     plot = commands.add_parser("plot", help="the paper's figures from run directories")
     plot.add_argument("runs", nargs="+", help="run directories")
@@ -201,18 +224,102 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sharpness_arguments(sharpness)
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="a grid of training runs (optimizers x rho x label noise x seeds), resumable, in "
+        "parallel, with the comparison table at the end",
+        description="Train a grid of runs into --out/NAME (e.g. sam-rho0.05-noise0.4-s1) and "
+        "print 'aace compare' of them. Rerunning the same command trains only what is missing. "
+        "Arguments after -- are 'aace train' arguments, the same for every run.",
+    )
+    sweep.add_argument("--out", required=True, help="the sweep's folder")
+    sweep.add_argument(
+        "--optimizer",
+        default="sgd,sam,sam-aace",
+        help="comma-separated optimizers, each optionally with :RHO "
+        "(default sgd,sam,sam-aace; e.g. sgd,sam:0.05,sam:0.1,sam-aace:0.2)",
+    )
+    sweep.add_argument(
+        "--rho", help="comma-separated rho values for the SAM optimizers given without :RHO"
+    )
+    sweep.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    sweep.add_argument(
+        "--label-noise", metavar="RATES", help="comma-separated label-noise rates, e.g. 0,0.2,0.4"
+    )
+    sweep.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once; the CPUs are split between them"
+    )
+    sweep.add_argument("--baseline", metavar="NAME", help="as in 'aace compare' (e.g. sgd)")
+    sweep.add_argument(
+        "train_args", nargs="*", metavar="-- TRAIN_ARGS", help="aace train arguments"
+    )
+
     commands.add_parser("presets", help="list the presets")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """RunConfig defaults, then the preset, then the flags given on the command line."""
+# The sweep sets these itself; after -- they would be ambiguous.
+_SWEEP_OWNED = ("optimizer", "rho", "seed", "out", "resume", "label_noise")
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from aace.report import run_label
+    from aace.training import sweep
+
+    if _rank_count() > 1:
+        raise ConfigError("aace sweep starts its own processes; run it without torchrun")
+    train_parser = _Parser(prog="aace sweep ... --")
+    _train_arguments(train_parser)
+    train_args = train_parser.parse_args(args.train_args)
+    for name in _SWEEP_OWNED:
+        if getattr(train_args, name) not in (None, False):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(
+                f"{flag} after --: the sweep sets it for each run; give it to 'aace sweep' "
+                "before -- instead" + (" (--seeds N)" if name == "seed" else "")
+            )
+    runs = sweep.plan(
+        config_values(train_args),
+        args.out,
+        sweep.parse_optimizers(args.optimizer),
+        sweep.parse_numbers("rho", args.rho, 0, math.inf) if args.rho else None,
+        args.seeds,
+        sweep.parse_numbers("label-noise", args.label_noise, 0, 1) if args.label_noise else None,
+    )
+    labels = {run_label(run.config.to_dict()) for run in runs}
+    if args.baseline is not None and args.baseline not in labels:
+        raise ConfigError(
+            f"--baseline: got {args.baseline!r}; expected one of the sweep's optimizers: "
+            + ", ".join(sorted(map(repr, labels)))
+        )
+    outcomes = sweep.run_sweep(runs, args.jobs, log=lambda line: print(line, flush=True))
+    print(sweep.write_comparison(runs, args.out, args.baseline))
+    print(f"wrote {Path(args.out) / sweep.COMPARE}")
+    failed = [outcome for outcome in outcomes if outcome.error is not None]
+    if failed:
+        names = ", ".join(outcome.run.name for outcome in failed)
+        print(
+            f"aace: error: {len(failed)} of {len(runs)} runs failed ({names}); their train.log "
+            "says why; rerun the same command to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig fields that the preset and then the flags given on the command line set."""
     values: dict[str, Any] = preset(args.preset) if args.preset else {}
     for field in dataclasses.fields(RunConfig):
         given = getattr(args, field.name, None)
         if given is not None and field.name != "preset":
             values[field.name] = given
-    config = RunConfig(**values)
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """RunConfig defaults, then the preset, then the flags given on the command line."""
+    config = RunConfig(**config_values(args))
     if getattr(args, "momentum", None) is not None and config.base_optimizer != "sgd":
         raise ConfigError(
             f"--momentum: got {args.momentum}; it is SGD's, not {config.base_optimizer}'s "
@@ -244,33 +351,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from aace.data import load_dataset
-    from aace.training.checkpoint import CheckpointError, load_checkpoint
-    from aace.training.trainer import build_model, build_test_loader, evaluate, resolve_device
+    from aace.training.trainer import (
+        build_test_loader,
+        evaluate,
+        load_trained_model,
+        resolve_device,
+    )
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    try:
-        config = RunConfig.from_dict(checkpoint["config"])
-    except (ConfigError, TypeError) as error:
-        raise CheckpointError(f"checkpoint '{args.checkpoint}' has an invalid config") from error
-    if args.data_dir:
-        config.data_dir = args.data_dir
     device = resolve_device(args.device)
-    dataset = load_dataset(config.dataset, config.data_dir, False, config.image_size)
-    if checkpoint.get("num_classes") not in (None, dataset.num_classes):
-        raise CheckpointError(
-            f"checkpoint '{args.checkpoint}' has {checkpoint['num_classes']} classes but "
-            f"{dataset.name} has {dataset.num_classes}"
-        )
-    config.pretrained = False  # the checkpoint holds the weights
-    model = build_model(config, dataset)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"checkpoint '{args.checkpoint}' does not match model {config.model} "
-            f"({str(error).splitlines()[0]})"
-        ) from error
+    model, config, dataset, checkpoint = load_trained_model(args.checkpoint, args.data_dir)
     model.to(device)
     loss_sum, correct, count = evaluate(model, build_test_loader(dataset, device), config.amp)
     n = int(count)
@@ -328,13 +417,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "compare":
         from aace.report import compare_table
 
-        print(compare_table(args.runs))
+        print(compare_table(args.runs, args.baseline))
         return 0
     if args.command == "sharpness":
         from aace.training.sharpness_run import run_sharpness
 
         print(f"wrote {run_sharpness(args, log=lambda line: print(line, flush=True))}")
         return 0
+    if args.command == "sweep":
+        return _sweep(args)
     if args.command == "plot":
         from aace.report import plot_runs
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +31,30 @@ class Run:
 
     @property
     def label(self) -> str:
-        """Runs with the same label are seeds of one setting."""
-        c = self.config
-        rho = "" if c["optimizer"] == "sgd" else f" rho={_rho(c)}"
-        return f"{c['optimizer']}{rho}"
+        """Runs with the same label (and setting) are seeds of one row."""
+        return run_label(self.config)
 
     @property
     def setting(self) -> str:
         c = self.config
-        return f"{c['dataset']} / {c['model']} / {c['epochs']} epochs"
+        text = f"{c['dataset']} / {c['model']} / {c['epochs']} epochs"
+        if c.get("label_noise"):
+            text += f" / {100 * c['label_noise']:g} % label noise"
+        return text
+
+
+def run_label(config: dict[str, Any]) -> str:
+    """A run's optimizer as the tables name it: the optimizer, its rho and, when not every
+    step is a SAM step, the schedule of SAM steps (``sam-aace rho=0.2 every=5``)."""
+    if config["optimizer"] == "sgd":
+        return "sgd"
+    text = f"{config['optimizer']} rho={_rho(config)}"
+    for key, name, default in (
+        ("sam_every", "every", 1), ("sam_start", "start", 0), ("sam_adaptive", "adaptive", None)
+    ):  # fmt: skip
+        if config.get(key, default) != default:
+            text += f" {name}={config[key]}"
+    return text
 
 
 def _rho(config: dict[str, Any]) -> float:
@@ -77,6 +93,38 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
+def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Student-t confidence interval of the mean: mean ± t_{(1+level)/2, n-1} s / sqrt(n).
+    NaN bounds for fewer than two values."""
+    from scipy import stats
+
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return math.nan, math.nan
+    half = stats.t.ppf((1 + level) / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def welch_test(values: list[float], baseline: list[float]) -> tuple[float, float]:
+    """Difference of means (values - baseline) and the two-sided p-value of Welch's t-test
+    (unequal variances; Welch 1947). NaN p-value when either group has fewer than two values or
+    both have zero variance."""
+    from scipy import stats
+
+    difference = statistics.fmean(values) - statistics.fmean(baseline)
+    if len(values) < 2 or len(baseline) < 2:
+        return difference, math.nan
+    if statistics.stdev(values) == 0 and statistics.stdev(baseline) == 0:
+        return difference, math.nan
+    return difference, float(stats.ttest_ind(values, baseline, equal_var=False).pvalue)
+
+
+def _percent_interval(values: list[float]) -> str:
+    low, high = confidence_interval(values)
+    return "–" if math.isnan(low) else f"[{100 * low:.2f}, {100 * high:.2f}]"
+
+
 def _sharpness_value(run: Run, key: str) -> float | None:
     value = (run.sharpness or {}).get(key)
     if isinstance(value, list):  # the eigenvalues, descending: the top one
@@ -93,28 +141,65 @@ def _mean_std_plain(values: list[float], of: int) -> str:
     return text if len(values) == of else f"{text} (n={len(values)})"
 
 
-def compare_table(paths: list[str | Path]) -> str:
-    """Markdown table of final and best test accuracy (%) per setting: mean ± std over seeds.
+def _final_test_acc(run: Run) -> float:
+    return run.rows[-1]["test_acc"]
 
-    Runs with a ``sharpness.json`` (``aace sharpness``) add the top Hessian eigenvalue, the
-    Hessian trace and the adaptive worst-case sharpness, mean ± std over the runs that have
-    them (their n in brackets when not all runs of the row have them)."""
-    runs = [read_run(p) for p in paths]
+
+def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """Runs by (setting, label), in the order first seen: the rows of :func:`compare_table`."""
     groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.setting, run.label), []).append(run)
+    return groups
+
+
+def compare_table(paths: list[str | Path], baseline: str | None = None) -> str:
+    """Markdown table of final and best test accuracy (%) per setting and optimizer: mean ± std
+    over seeds, the 95 % confidence interval of the final accuracy's mean (Student t) and n.
+
+    ``baseline``, an optimizer label as the table shows it (``sgd``, ``sam rho=0.05``), adds
+    each row's difference in final accuracy to that row of its setting, in percentage points,
+    with the p-value of Welch's t-test. Label-noise runs add the final training accuracy
+    against the noisy and the true labels. Runs with a ``sharpness.json``
+    (``aace sharpness``) add the top Hessian eigenvalue, the Hessian trace and the adaptive
+    worst-case sharpness, mean ± std over the runs that have them (their n in brackets when
+    not all runs of the row have them)."""
+    runs = [read_run(p) for p in paths]
+    groups = group_runs(runs)
+    if baseline is not None and baseline not in {label for _, label in groups}:
+        labels = ", ".join(sorted({repr(label) for _, label in groups}))
+        raise ReportError(f"--baseline: got {baseline!r}; expected a row's optimizer: {labels}")
+    noisy = any(run.config.get("label_noise") for run in runs)
     columns = SHARPNESS_COLUMNS if any(run.sharpness for run in runs) else ()
-    header = "| setting | optimizer | final test acc (%) | best test acc (%) | n | epochs |"
+    header = (
+        "| setting | optimizer | final test acc (%) | 95 % CI | best test acc (%) | n | epochs |"
+    )
+    if baseline is not None:
+        header += f" Δ final vs {baseline} (pp) | p (Welch) |"
+    if noisy:
+        header += " train acc, noisy labels (%) | train acc, true labels (%) |"
     header += "".join(f" {title} |" for _, title in columns)
-    lines = [header, "|---|---|---|---|---|---|" + "---|" * len(columns)]
+    lines = [header, "|---" * header.count(" |") + "|"]
     for (setting, label), members in groups.items():
-        final = [r.rows[-1]["test_acc"] for r in members]
+        final = [_final_test_acc(r) for r in members]
         best = [max(row["test_acc"] for row in r.rows) for r in members]
         epochs = sorted({len(r.rows) for r in members})
         line = (
-            f"| {setting} | {label} | {_mean_std(final)} | {_mean_std(best)} | {len(members)} "
-            f"| {', '.join(map(str, epochs))} |"
+            f"| {setting} | {label} | {_mean_std(final)} | {_percent_interval(final)} "
+            f"| {_mean_std(best)} | {len(members)} | {', '.join(map(str, epochs))} |"
         )
+        if baseline is not None:
+            reference = groups.get((setting, baseline))
+            if reference is None or label == baseline:
+                line += " – | – |"
+            else:
+                difference, p = welch_test(final, [_final_test_acc(r) for r in reference])
+                line += f" {100 * difference:+.2f} | {'–' if math.isnan(p) else f'{p:.3g}'} |"
+        if noisy:
+            for key in ("train_acc", "train_acc_clean"):
+                values = [r.rows[-1].get(key) for r in members]
+                known = [v for v in values if v is not None]
+                line += f" {_mean_std(known) if known else '–'} |"
         for key, _ in columns:
             values = [v for r in members if (v := _sharpness_value(r, key)) is not None]
             line += f" {_mean_std_plain(values, len(members))} |"

@@ -4,9 +4,18 @@
   ``food101``, ``digits`` or ``npz:PATH``) into an :class:`InMemoryDataset` of uint8 tensors.
 * :class:`BatchLoader` serves shuffled, augmented, per-rank-sharded mini-batches from a copy of
   the data kept on the training device.
+* :func:`symmetric_label_noise` corrupts a fraction of the training labels (label-noise runs).
 """
 
 from aace.data.loader import BatchLoader
+from aace.data.noise import symmetric_label_noise
 from aace.data.sources import DATASET_NAMES, DatasetError, InMemoryDataset, load_dataset
 
-__all__ = ["DATASET_NAMES", "BatchLoader", "DatasetError", "InMemoryDataset", "load_dataset"]
+__all__ = [
+    "DATASET_NAMES",
+    "BatchLoader",
+    "DatasetError",
+    "InMemoryDataset",
+    "load_dataset",
+    "symmetric_label_noise",
+]

@@ -105,6 +105,8 @@ class BatchLoader:
     Args:
         images: uint8 tensor ``(N, C, H, W)``; moved once to ``device`` and kept there.
         labels: integer tensor ``(N,)``; stored as int64 on ``device``.
+        clean_labels: optional integer tensor ``(N,)``: the true labels when ``labels`` are
+            corrupted (label-noise runs); batches then carry them as a third element.
         batch_size: samples per batch (per rank).
         mean, std: per-channel normalisation constants (length ``C``) applied to ``x / 255``.
         train: shuffle + augment (True) or sequential, unaugmented evaluation (False).
@@ -120,7 +122,7 @@ class BatchLoader:
         dtype: floating dtype of the produced images (default float32).
 
     Yields ``x`` of shape ``(B, C, H, W)`` and dtype ``dtype``, normalised, and ``y`` int64
-    ``(B,)``, both on ``device``.
+    ``(B,)``, both on ``device``; with ``clean_labels``, ``(x, y, clean_y)``.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class BatchLoader:
         images: torch.Tensor,
         labels: torch.Tensor,
         *,
+        clean_labels: torch.Tensor | None = None,
         batch_size: int,
         mean: Sequence[float] | torch.Tensor,
         std: Sequence[float] | torch.Tensor,
@@ -149,20 +152,9 @@ class BatchLoader:
                 else type(images).__name__
             )
             raise ValueError(f"images: got {desc}; expected a uint8 tensor of shape (N, C, H, W)")
-        if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
-            desc = (
-                f"tensor of shape {tuple(labels.shape)}"
-                if isinstance(labels, torch.Tensor)
-                else type(labels).__name__
-            )
-            raise ValueError(f"labels: got {desc}; expected a 1-D integer tensor")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise ValueError(f"labels: got dtype {labels.dtype}; expected an integer tensor")
-        if labels.shape[0] != images.shape[0]:
-            raise ValueError(
-                f"labels: got {labels.shape[0]} labels for {images.shape[0]} images; "
-                "expected the same length"
-            )
+        _check_labels("labels", labels, images.shape[0])
+        if clean_labels is not None:
+            _check_labels("clean_labels", clean_labels, images.shape[0])
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("world_size", world_size, minimum=1)
         _check_int("rank", rank, minimum=0)
@@ -191,6 +183,11 @@ class BatchLoader:
 
         self.images = images.to(self.device).contiguous()
         self.labels = labels.to(device=self.device, dtype=torch.int64).contiguous()
+        self.clean_labels = (
+            None
+            if clean_labels is None
+            else clean_labels.to(device=self.device, dtype=torch.int64).contiguous()
+        )
         self.mean = mean_t.to(device=self.device, dtype=dtype).view(1, channels, 1, 1)
         self.std = std_t.to(device=self.device, dtype=dtype).view(1, channels, 1, 1)
         self.batch_size = int(batch_size)
@@ -300,7 +297,7 @@ class BatchLoader:
             )
         self._resume = (int(state["position"]), state.get("augment_state"))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         epoch = self.epoch
         idx = self.indices(epoch)
         generator = self._augment_generator(epoch) if self.train else None
@@ -319,7 +316,10 @@ class BatchLoader:
             else:
                 x = self._normalize(x)
             self._position = b + 1
-            yield x, y
+            if self.clean_labels is None:
+                yield x, y
+            else:
+                yield x, y, self.clean_labels.index_select(0, batch)
 
     def __repr__(self) -> str:
         c, h, w = (int(s) for s in self.images.shape[1:])
@@ -329,6 +329,22 @@ class BatchLoader:
             f"crop_padding={self.crop_padding}, hflip={self.hflip}, cutout={self.cutout}, "
             f"rank={self.rank}/{self.world_size}, drop_last={self.drop_last}, "
             f"batches={len(self)}, device={self.device})"
+        )
+
+
+def _check_labels(name: str, labels: object, n: int) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
+        desc = (
+            f"tensor of shape {tuple(labels.shape)}"
+            if isinstance(labels, torch.Tensor)
+            else type(labels).__name__
+        )
+        raise ValueError(f"{name}: got {desc}; expected a 1-D integer tensor")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"{name}: got dtype {labels.dtype}; expected an integer tensor")
+    if labels.shape[0] != n:
+        raise ValueError(
+            f"{name}: got {labels.shape[0]} labels for {n} images; expected the same length"
         )
 
 

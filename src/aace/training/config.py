@@ -37,6 +37,10 @@ class RunConfig:
     data_dir: str = "data"
     download: bool = False
     image_size: int = 32
+    # Symmetric label noise on the training set (aace.data.symmetric_label_noise); the seed of
+    # the corruption is its own, so that --seed varies training but not which labels are wrong.
+    label_noise: float = 0.0
+    label_noise_seed: int = 0
     model: str = "wrn16_1"
     dropout: float = 0.0
     shakedrop: float = 0.0
@@ -132,7 +136,7 @@ class RunConfig:
             fail("lr", self.lr, "a finite number > 0")
         if self.rho is not None and (not finite(self.rho) or self.rho < 0):
             fail("rho", self.rho, "a finite number >= 0")
-        for name in ("aace_threshold", "label_smoothing", "dropout", "shakedrop"):
+        for name in ("aace_threshold", "label_smoothing", "dropout", "shakedrop", "label_noise"):
             value = getattr(self, name)
             if not finite(value) or not 0 <= value <= 1:
                 fail(name, value, "a number in [0, 1]")
@@ -142,7 +146,7 @@ class RunConfig:
                 fail(name, value, "an integer >= 1")
         if self.cutout is not None and (not isinstance(self.cutout, int) or self.cutout < 0):
             fail("cutout", self.cutout, "an integer >= 0")
-        for name in ("seed", "checkpoint_every"):
+        for name in ("seed", "checkpoint_every", "label_noise_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, value, "an integer >= 0")

@@ -45,7 +45,8 @@ class EpochSums:
     def __init__(self, device: torch.device) -> None:
         zero = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
         self.device = device
-        self.sums = {name: zero() for name in ("train_loss", "ce_loss", "aace_loss", "correct")}
+        names = ("train_loss", "ce_loss", "aace_loss", "correct", "clean_correct")
+        self.sums = {name: zero() for name in names}
         self.sam = {name: zero() for name in ("grad_norm", "perturbation_norm")}
         self.cosine_sum, self.cosine_count = zero(), zero()
         # First step (in this epoch) with a non-finite value, as 2 * step + pass (index into
@@ -75,7 +76,10 @@ class EpochSums:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name, value in state.items():
-            setattr(self, name, _to(value, self.device))
+            value = _to(value, self.device)
+            if name == "sums":  # a checkpoint of an older version may lack some sums
+                value = {**self.sums, **value}
+            setattr(self, name, value)
 
     def add(self, stats: StepStats, batch_size: int) -> None:
         self.steps += 1
@@ -94,6 +98,8 @@ class EpochSums:
         for name in ("train_loss", "ce_loss", "aace_loss"):
             self.sums[name] += getattr(stats, name).double() * batch_size
         self.sums["correct"] += stats.correct
+        clean = stats.correct if stats.clean_correct is None else stats.clean_correct
+        self.sums["clean_correct"] += clean
         if stats.grad_norm is not None:
             self.sam_steps_taken += 1
             self.sam["grad_norm"] += stats.grad_norm.double()
@@ -132,7 +138,8 @@ class EpochSums:
         test_count = max(v["test_count"], 1)
         row: dict[str, float | None] = {
             "train_loss": v["train_loss"] / n,
-            "train_acc": v["correct"] / n,
+            "train_acc": v["correct"] / n,  # against the labels trained on (noisy or not)
+            "train_acc_clean": v["clean_correct"] / n,  # against the true labels
             "ce_loss": v["ce_loss"] / n,
             "aace_loss": v["aace_loss"] / n,
             "grad_norm": None,

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import aace
 from aace.analysis import (
@@ -34,7 +33,7 @@ from aace.analysis import (
     random_plane,
 )
 from aace.training.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
-from aace.training.config import DEVICES, ConfigError, RunConfig
+from aace.training.config import DEVICES, ConfigError
 
 SHARPNESS = "sharpness.json"
 CHECKPOINT = "checkpoint.pt"
@@ -117,52 +116,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_model(
-    path: Path, data_dir: str | None
-) -> tuple[nn.Module, RunConfig, Any, dict[str, Any]]:
-    """The model of a checkpoint, built from the config saved in it, and its dataset."""
-    from aace.data import load_dataset
-    from aace.training.trainer import build_model
-
-    checkpoint = load_checkpoint(path)
-    try:
-        config = RunConfig.from_dict(checkpoint["config"])
-    except (ConfigError, TypeError) as error:
-        raise CheckpointError(f"checkpoint '{path}' has an invalid config") from error
-    if data_dir:
-        config.data_dir = data_dir
-    dataset = load_dataset(config.dataset, config.data_dir, False, config.image_size)
-    if checkpoint.get("num_classes") not in (None, dataset.num_classes):
-        raise CheckpointError(
-            f"checkpoint '{path}' has {checkpoint['num_classes']} classes but "
-            f"{dataset.name} has {dataset.num_classes}"
-        )
-    model = build_model(config, dataset)
-    _load_state(model, checkpoint, path, config.model)
-    return model, config, dataset, checkpoint
-
-
-def _load_state(model: nn.Module, checkpoint: dict[str, Any], path: Path, name: str) -> None:
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"checkpoint '{path}' does not match model {name} ({str(error).splitlines()[0]})"
-        ) from error
-
-
 def training_batches(
-    dataset: Any, images: int, batch_size: int, seed: int, device: torch.device
+    dataset: Any,
+    labels: torch.Tensor,
+    images: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A seeded random subset of the training set, unaugmented, in fixed batches."""
+    """A seeded random subset of the training set with the labels the run trained on (noisy
+    for a --label-noise run), unaugmented, in fixed batches."""
     from aace.data import BatchLoader
 
-    total = len(dataset.y_train)
+    total = len(labels)
     n = min(images, total)
     index = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
     loader = BatchLoader(
         dataset.x_train[index],
-        dataset.y_train[index],
+        labels[index],
         batch_size=batch_size,
         mean=dataset.mean,
         std=dataset.std,
@@ -214,7 +185,12 @@ class _Progress:
 
 def run_sharpness(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     """Measure, write ``sharpness.json`` (and landscape PNGs); returns the JSON's path."""
-    from aace.training.trainer import resolve_device
+    from aace.training.trainer import (
+        load_model_state,
+        load_trained_model,
+        resolve_device,
+        training_labels,
+    )
 
     _validate(args)
     started = time.perf_counter()
@@ -222,7 +198,7 @@ def run_sharpness(args: argparse.Namespace, log: Callable[[str], None] = print) 
     out = Path(args.out) if args.out else checkpoint_path.parent / SHARPNESS
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
-    model, config, dataset, checkpoint = load_model(checkpoint_path, args.data_dir)
+    model, config, dataset, checkpoint = load_trained_model(checkpoint_path, args.data_dir)
     model.to(device, dtype).train(args.mode == "train")
     other = None
     if args.against:
@@ -235,9 +211,11 @@ def run_sharpness(args: argparse.Namespace, log: Callable[[str], None] = print) 
                 f"{config.model} like '{checkpoint_path}'"
             )
         other_copy = copy.deepcopy(model)
-        _load_state(other_copy, other_checkpoint, other_path, config.model)
+        load_model_state(other_copy, other_checkpoint, other_path, config.model)
         other = other_copy.state_dict()
-    batches = training_batches(dataset, args.images, args.batch_size, args.seed, device)
+    batches = training_batches(
+        dataset, training_labels(config, dataset), args.images, args.batch_size, args.seed, device
+    )
     progress = _Progress(log)
     counted = _Counted(batches, progress.tick)
     images = sum(len(y) for _, y in batches)

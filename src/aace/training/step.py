@@ -124,6 +124,7 @@ class StepStats:
     ce_loss: torch.Tensor | None = None  # plain CE at the unperturbed weights
     aace_loss: torch.Tensor | None = None  # AACE ("ada") at the unperturbed weights
     correct: torch.Tensor | None = None
+    clean_correct: torch.Tensor | None = None  # against the true labels of a label-noise run
     grad_norm: torch.Tensor | None = None  # of the perturbation loss
     perturbation_norm: torch.Tensor | None = None
     perturbation_cosine: torch.Tensor | None = None
@@ -201,13 +202,17 @@ class TrainStep:
             return aace_loss(logits, y, self.config.aace_threshold, self.config.aace_mode)
         return self.update_loss(logits, y)
 
-    def _stats(self, logits: torch.Tensor, y: torch.Tensor) -> StepStats:
+    def _stats(
+        self, logits: torch.Tensor, y: torch.Tensor, clean_y: torch.Tensor | None
+    ) -> StepStats:
         logits = logits.detach().float()
+        predicted = logits.argmax(1)
         return StepStats(
             train_loss=self.update_loss(logits, y),
             ce_loss=F.cross_entropy(logits, y),
             aace_loss=aace_loss(logits, y, self.config.aace_threshold, "ada"),
-            correct=(logits.argmax(1) == y).sum(),
+            correct=(predicted == y).sum(),
+            clean_correct=None if clean_y is None else (predicted == clean_y).sum(),
         )
 
     def _micro_batches(
@@ -310,7 +315,11 @@ class TrainStep:
             max_across_ranks_(value)
         self.schedule.observe(value)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, clean_y: torch.Tensor | None = None
+    ) -> StepStats:
+        """One optimizer step on the batch ``(x, y)``. ``clean_y``, the true labels of a
+        label-noise run, only adds ``clean_correct`` to the statistics."""
         self._save_buffers()
         micro_batches = self._micro_batches(x, y)
         sam_step = self.is_sam and (self.schedule is None or self.schedule.sam_step())
@@ -326,7 +335,7 @@ class TrainStep:
                 self.optimizer.step()
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            stats = self._stats(logits, y)
+            stats = self._stats(logits, y, clean_y)
             stats.update_pass_finite = torch.isfinite(loss)
             return stats
 
@@ -347,7 +356,7 @@ class TrainStep:
             return skipped
         self.optimizer.second_step(zero_grad=True)
         self.scaler.update()
-        stats = self._stats(logits, y)
+        stats = self._stats(logits, y, clean_y)
         stats.sam_step = True
         stats.grad_norm = self.optimizer.grad_norm
         stats.perturbation_norm = self.optimizer.perturbation_norm

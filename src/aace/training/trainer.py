@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import aace
-from aace.data import BatchLoader, InMemoryDataset, load_dataset
+from aace.data import BatchLoader, InMemoryDataset, load_dataset, symmetric_label_noise
 from aace.data.loader import _derive_seed
 from aace.integrations.tensorboard import TensorBoardLog
 from aace.models import create_model
@@ -100,6 +100,51 @@ def build_model(config: RunConfig, dataset: InMemoryDataset) -> nn.Module:
         image_size=dataset.image_size,
         pretrained=config.pretrained,
     )
+
+
+def training_labels(config: RunConfig, dataset: InMemoryDataset) -> torch.Tensor:
+    """The labels the model is trained on: the dataset's, with ``config.label_noise`` of them
+    changed (:func:`aace.data.symmetric_label_noise`, seeded by ``label_noise_seed``)."""
+    if not config.label_noise:
+        return dataset.y_train
+    return symmetric_label_noise(
+        dataset.y_train, config.label_noise, dataset.num_classes, config.label_noise_seed
+    )
+
+
+def load_trained_model(
+    path: str | Path, data_dir: str | None = None
+) -> tuple[nn.Module, RunConfig, InMemoryDataset, dict[str, Any]]:
+    """The model of a checkpoint (on the CPU), built from the config saved in it; that config
+    (``data_dir`` overridden when given), the run's dataset and the checkpoint itself."""
+    checkpoint = load_checkpoint(path)
+    try:
+        config = RunConfig.from_dict(checkpoint["config"])
+    except (ConfigError, TypeError) as error:
+        raise CheckpointError(f"checkpoint '{path}' has an invalid config") from error
+    if data_dir:
+        config.data_dir = data_dir
+    dataset = load_dataset(config.dataset, config.data_dir, False, config.image_size)
+    if checkpoint.get("num_classes") not in (None, dataset.num_classes):
+        raise CheckpointError(
+            f"checkpoint '{path}' has {checkpoint['num_classes']} classes but "
+            f"{dataset.name} has {dataset.num_classes}"
+        )
+    config.pretrained = False  # the checkpoint holds the weights
+    model = build_model(config, dataset)
+    load_model_state(model, checkpoint, path, config.model)
+    return model, config, dataset, checkpoint
+
+
+def load_model_state(
+    model: nn.Module, checkpoint: dict[str, Any], path: str | Path, name: str
+) -> None:
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"checkpoint '{path}' does not match model {name} ({str(error).splitlines()[0]})"
+        ) from error
 
 
 def build_test_loader(
@@ -335,9 +380,11 @@ class Trainer:
             torch.manual_seed(_derive_seed(config.seed, context.rank))
         optimizer = build_optimizer(model, config)
         cutout = dataset.cutout if config.cutout is None else config.cutout
+        labels = training_labels(config, dataset)
         train_loader = BatchLoader(
             dataset.x_train,
-            dataset.y_train,
+            labels,
+            clean_labels=dataset.y_train if config.label_noise else None,
             batch_size=batch_size,
             mean=dataset.mean,
             std=dataset.std,
@@ -486,12 +533,13 @@ class Trainer:
         progress = Progress(steps, epoch + 1, config.epochs, run.context.is_main, initial=done)
         start = time.perf_counter()
         model.train()
-        for x, y in loader:
-            stats = step(x, y)
+        for batch in loader:  # (x, y), or (x, y, clean_y) in a label-noise run
+            stats = step(*batch)
             if self.tensorboard is not None:
                 self.tensorboard.log_step(stats.train_loss)
-            sums.add(stats, y.shape[0])
-            progress.update(stats, y.shape[0])
+            batch_size = batch[1].shape[0]
+            sums.add(stats, batch_size)
+            progress.update(stats, batch_size)
             done += 1
             if done == steps:
                 continue  # the epoch's end checkpoints
@@ -616,6 +664,8 @@ class Trainer:
             f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} "
             f"acc {row['test_acc']:.4f}"
         )
+        if row.get("train_acc_clean") not in (None, row["train_acc"]):  # label noise
+            text += f"  train acc on true labels {row['train_acc_clean']:.4f}"
         if row["grad_norm"] is not None:
             cosine = row["perturbation_cosine"]
             text += f"  |g| {row['grad_norm']:.3g}  |e| {row['perturbation_norm']:.3g}"

@@ -1,0 +1,308 @@
+"""``aace sweep``: a grid of training runs (optimizers x rho x label noise x seeds), one folder.
+
+* **Names.** Each run is a directory ``{optimizer}[-rho{rho}][-noise{rate}]-s{seed}`` of the
+  sweep's folder (``sam-aace-rho0.2-noise0.4-s1``): rho when the grid sets it, the noise rate when
+  the grid has ``--label-noise``.
+* **Resume.** Rerunning the same sweep trains nothing that is finished (a ``summary.json`` and
+  the same configuration); an interrupted run continues from its last checkpoint; a run
+  directory whose configuration differs from the grid's is refused before anything runs.
+* **Jobs.** ``jobs`` runs train at once, each in a process of its own (``spawn``), with the
+  machine's CPUs split between them (``torch.set_num_threads``, ``OMP_NUM_THREADS``). A run's
+  log goes to ``train.log`` in its directory; one that fails (bad setting, divergence) is
+  reported and the others go on.
+* **Order.** Seed by seed, and within a seed every noise rate and optimizer, so that a sweep
+  stopped halfway still compares like with like.
+* **Result.** The :func:`aace.report.compare_table` of all runs, printed and written to
+  ``compare.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aace.training.config import OPTIMIZERS, ConfigError, RunConfig
+
+COMPARE = "compare.md"
+LOG = "train.log"
+_SAM_SCHEDULE = {"sam_every": 1, "sam_start": 0.0, "sam_adaptive": None}  # plain-SGD values
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One cell of the grid: its directory name and the run's configuration."""
+
+    name: str
+    config: RunConfig
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+    @property
+    def finished(self) -> bool:
+        return (self.out / "summary.json").is_file()
+
+
+@dataclass
+class Outcome:
+    """What became of a run: ``summary`` when it finished, else ``error`` (one line)."""
+
+    run: SweepRun
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    trained: bool = True  # False: finished before this sweep started
+
+
+def parse_optimizers(text: str) -> list[tuple[str, float | None]]:
+    """``"sgd,sam:0.05,sam-aace"`` -> ``[("sgd", None), ("sam", 0.05), ("sam-aace", None)]``."""
+    entries: list[tuple[str, float | None]] = []
+    for item in text.split(","):
+        name, _, rho_text = item.strip().partition(":")
+        if name not in OPTIMIZERS:
+            raise ConfigError(
+                f"--optimizer: got {name!r} in {text!r}; expected a comma-separated list of "
+                f"{', '.join(OPTIMIZERS)}, each optionally with :RHO (e.g. sam:0.05)"
+            )
+        rho = None
+        if rho_text:
+            rho = _number("optimizer", rho_text, text)
+            if name == "sgd":
+                raise ConfigError(f"--optimizer: got {item!r}; sgd has no rho")
+        entries.append((name, rho))
+    return entries
+
+
+def parse_numbers(option: str, text: str, low: float, high: float) -> list[float]:
+    """A comma-separated list of numbers in ``[low, high]``, for ``--rho`` and
+    ``--label-noise``."""
+    values = [_number(option, item, text) for item in text.split(",")]
+    for value in values:
+        if not low <= value <= high:
+            raise ConfigError(
+                f"--{option}: got {value:g} in {text!r}; expected numbers in [{low:g}, {high:g}]"
+            )
+    return values
+
+
+def _number(option: str, item: str, text: str) -> float:
+    try:
+        value = float(item)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ConfigError(
+            f"--{option}: got {item.strip()!r} in {text!r}; expected a comma-separated list of "
+            "numbers"
+        )
+    return value
+
+
+def plan(
+    base: dict[str, Any],
+    out: str | Path,
+    optimizers: list[tuple[str, float | None]],
+    rhos: list[float] | None = None,
+    seeds: int = 3,
+    label_noise: list[float] | None = None,
+) -> list[SweepRun]:
+    """The grid's runs, validated, in training order (seed, then noise rate, then optimizer).
+
+    ``base`` holds the other :class:`RunConfig` fields, the same for every run. An optimizer
+    entry with a rho keeps it; the others take each of ``rhos`` (default: their own default
+    rho); SGD runs once per seed and noise rate, without the SAM-step schedule of ``base``.
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError(f"--seeds: got {seeds!r}; expected an integer >= 1")
+    cells: list[tuple[str, float | None, bool]] = []  # optimizer, rho, rho in the name
+    for name, rho in optimizers:
+        if name == "sgd":
+            choices = [(None, False)]
+        elif rho is not None:
+            choices = [(rho, True)]
+        elif rhos:
+            choices = [(r, True) for r in rhos]
+        else:
+            choices = [(None, False)]
+        for rho_value, named in choices:
+            if (name, rho_value, named) not in cells:
+                cells.append((name, rho_value, named))
+    runs, names = [], set()
+    for seed in range(seeds):
+        for noise in label_noise if label_noise is not None else [None]:
+            for optimizer, rho, named in cells:
+                name = optimizer + (f"-rho{rho:g}" if named else "")
+                name += "" if noise is None else f"-noise{noise:g}"
+                name += f"-s{seed}"
+                if name in names:
+                    continue
+                names.add(name)
+                values = dict(base, optimizer=optimizer, rho=rho, seed=seed)
+                values["out"] = str(Path(out) / name)
+                if noise is not None:
+                    values["label_noise"] = noise
+                if optimizer == "sgd":
+                    values.update(_SAM_SCHEDULE)
+                runs.append(SweepRun(name, RunConfig(**values).validate()))
+    return runs
+
+
+def check_existing(runs: list[SweepRun]) -> None:
+    """Refuse a run directory that holds a run with another configuration than the grid's."""
+    from aace.training.trainer import CONFIG, RESUMABLE_CHANGES
+
+    for run in runs:
+        path = run.out / CONFIG
+        if not path.is_file():
+            continue
+        try:
+            saved = RunConfig.from_dict(json.loads(path.read_text())["config"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"--out: '{path}' is not a readable aace config") from error
+        differences = run.config.differences(saved, ignore=RESUMABLE_CHANGES)
+        if differences:
+            details = ", ".join(
+                f"{k}: {getattr(saved, k)!r} there, {getattr(run.config, k)!r} now"
+                for k in differences
+            )
+            raise ConfigError(
+                f"--out: '{run.out}' holds a run with other settings ({details}); use the "
+                "sweep's original arguments or another --out"
+            )
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
+
+def run_sweep(
+    runs: list[SweepRun], jobs: int = 1, log: Callable[[str], None] = print
+) -> list[Outcome]:
+    """Train the runs that are not finished, ``jobs`` at a time; the outcome of every run."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"--jobs: got {jobs!r}; expected an integer >= 1")
+    check_existing(runs)
+    outcomes = {run.name: Outcome(run, trained=False) for run in runs if run.finished}
+    for outcome in outcomes.values():
+        outcome.summary = json.loads((outcome.run.out / "summary.json").read_text())
+    todo = [run for run in runs if not run.finished]
+    jobs = min(jobs, max(1, len(todo)))
+    threads = max(1, available_cpus() // jobs)
+    resuming = sum((run.out / "checkpoint.pt").is_file() for run in todo)
+    log(
+        f"sweep: {len(runs)} runs, {len(outcomes)} finished, {resuming} to resume, "
+        f"{len(todo) - resuming} to start; {jobs} job(s) x {threads} thread(s)"
+    )
+    if todo:
+        for outcome in _train_all(todo, jobs, threads, log, done=len(outcomes), total=len(runs)):
+            outcomes[outcome.run.name] = outcome
+    return [outcomes[run.name] for run in runs]
+
+
+def _train_all(
+    todo: list[SweepRun],
+    jobs: int,
+    threads: int,
+    log: Callable[[str], None],
+    done: int,
+    total: int,
+) -> list[Outcome]:
+    results: list[Outcome] = []
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the workers' OpenMP at start
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
+    try:
+        pending: dict[Future, SweepRun] = {}
+        queue = list(todo)
+        while queue or pending:
+            while queue and len(pending) < jobs:
+                run = queue.pop(0)
+                run.out.mkdir(parents=True, exist_ok=True)
+                future = pool.submit(_train_one, run.config.to_dict(), threads)
+                pending[future] = run
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = pending.pop(future)
+                try:
+                    outcome = Outcome(run, **future.result())
+                except Exception as error:  # the worker process died (killed, out of memory)
+                    outcome = Outcome(run, error=f"its process ended: {error or type(error)}")
+                results.append(outcome)
+                done += 1
+                log(f"[{done}/{total}] {_describe(outcome)}")
+    except KeyboardInterrupt:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if previous is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
+    return results
+
+
+def _describe(outcome: Outcome) -> str:
+    name = outcome.run.name
+    if outcome.error is not None:
+        return f"{name}: failed: {outcome.error} (log: {outcome.run.out / LOG})"
+    summary = outcome.summary or {}
+    return (
+        f"{name}: final test acc {summary.get('final_test_acc', math.nan):.4f}, best "
+        f"{summary.get('best_test_acc', math.nan):.4f} ({outcome.seconds:.0f} s)"
+    )
+
+
+def _train_one(values: dict[str, Any], threads: int) -> dict[str, Any]:
+    """One run, in a worker process: its summary, or its error in one line. Its log, warnings
+    and tracebacks go to ``train.log`` in its directory."""
+    import traceback
+
+    import torch
+
+    from aace.training.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    config = RunConfig.from_dict(values)
+    started = time.perf_counter()
+    with (
+        open(Path(config.out) / LOG, "a") as log_file,
+        contextlib.redirect_stdout(log_file),
+        contextlib.redirect_stderr(log_file),
+    ):
+        try:
+            summary = Trainer(config, log=lambda line: print(line, flush=True)).fit(resume=True)
+        except Exception as error:  # reported by the sweep, which goes on with the others
+            traceback.print_exc()
+            text = str(error).strip()
+            message = text.splitlines()[0] if text else type(error).__name__
+            return {"error": message, "seconds": time.perf_counter() - started}
+    return {"summary": summary, "seconds": time.perf_counter() - started}
+
+
+def write_comparison(runs: list[SweepRun], out: str | Path, baseline: str | None) -> str:
+    """The comparison table of the runs with at least one finished epoch, also written to
+    ``out/compare.md``."""
+    from aace.report import compare_table
+    from aace.training.checkpoint import atomic_write_text
+    from aace.training.trainer import METRICS
+
+    paths = [run.out for run in runs if (run.out / METRICS).is_file()]
+    paths = [p for p in paths if (p / METRICS).read_text().strip()]
+    table = compare_table(paths, baseline) if paths else "(no finished epoch yet)"
+    atomic_write_text(Path(out) / COMPARE, table + "\n")
+    return table
