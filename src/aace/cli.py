@@ -268,9 +268,12 @@ def _sweep(args: argparse.Namespace) -> int:
 
     if _rank_count() > 1:
         raise ConfigError("aace sweep starts its own processes; run it without torchrun")
-    train_parser = _Parser(prog="aace sweep ... --")
+    train_parser = _Parser(prog="aace train")
     _train_arguments(train_parser)
-    train_args = train_parser.parse_args(args.train_args)
+    try:
+        train_args = train_parser.parse_args(args.train_args)
+    except SystemExit as exit_:  # a usage error, already reported in one line, or --help
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
     for name in _SWEEP_OWNED:
         if getattr(train_args, name) not in (None, False):
             flag = "--" + name.replace("_", "-")

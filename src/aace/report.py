@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float
     mean = statistics.fmean(values)
     if n < 2:
         return math.nan, math.nan
-    half = stats.t.ppf((1 + level) / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
     return mean - half, mean + half
 
 
@@ -117,7 +118,9 @@ def welch_test(values: list[float], baseline: list[float]) -> tuple[float, float
         return difference, math.nan
     if statistics.stdev(values) == 0 and statistics.stdev(baseline) == 0:
         return difference, math.nan
-    return difference, float(stats.ttest_ind(values, baseline, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # near-identical values: scipy warns, the p-value stands
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return difference, float(stats.ttest_ind(values, baseline, equal_var=False).pvalue)
 
 
 def _percent_interval(values: list[float]) -> str:

@@ -26,6 +26,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,21 +233,27 @@ def _train_all(
             while queue and len(pending) < jobs:
                 run = queue.pop(0)
                 run.out.mkdir(parents=True, exist_ok=True)
-                future = pool.submit(_train_one, run.config.to_dict(), threads)
-                pending[future] = run
+                pending[pool.submit(_train_one, run.config.to_dict(), threads)] = run
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            broken = False
             for future in finished:
                 run = pending.pop(future)
                 try:
                     outcome = Outcome(run, **future.result())
-                except Exception as error:  # the worker process died (killed, out of memory)
-                    outcome = Outcome(run, error=f"its process ended: {error or type(error)}")
+                except BrokenProcessPool:  # a worker was killed (by a signal, out of memory)
+                    outcome = Outcome(run, error="its process was killed")
+                    broken = True
                 results.append(outcome)
                 done += 1
                 log(f"[{done}/{total}] {_describe(outcome)}")
-    except KeyboardInterrupt:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
+            if broken:  # the pool is unusable: the runs it still held are lost with it
+                for run in pending.values():
+                    results.append(Outcome(run, error="its process was killed"))
+                    done += 1
+                    log(f"[{done}/{total}] {_describe(results[-1])}")
+                pending.clear()
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if previous is None:
@@ -284,6 +291,7 @@ def _train_one(values: dict[str, Any], threads: int) -> dict[str, Any]:
         contextlib.redirect_stdout(log_file),
         contextlib.redirect_stderr(log_file),
     ):
+        print(f"aace sweep: pid {os.getpid()}, {torch.get_num_threads()} torch thread(s)")
         try:
             summary = Trainer(config, log=lambda line: print(line, flush=True)).fit(resume=True)
         except Exception as error:  # reported by the sweep, which goes on with the others

@@ -1,0 +1,178 @@
+"""aace sweep: the grid, its names and configurations, parallel jobs, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aace.cli import main
+from aace.training import sweep
+from aace.training.config import ConfigError
+
+FAULTS = str(Path(__file__).with_name("faults.py"))
+
+
+@pytest.fixture
+def tiny_npz(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(
+        path, x_train=rng.integers(0, 256, (24, 8, 8), dtype=np.uint8), y_train=np.arange(24) % 3,
+        x_test=rng.integers(0, 256, (9, 8, 8), dtype=np.uint8), y_test=np.arange(9) % 3,
+    )  # fmt: skip
+    return path
+
+
+def _train_args(data: Path) -> list[str]:
+    return ["--dataset", f"npz:{data}", "--model", "wrn10_1", "--epochs", "2", "--batch-size", "4"]
+
+
+def test_plan_names_order_and_configurations():
+    optimizers = sweep.parse_optimizers("sgd,sam:0.05,sam-aace")
+    assert optimizers == [("sgd", None), ("sam", 0.05), ("sam-aace", None)]
+    base = {"dataset": "digits", "epochs": 3, "sam_every": 5}
+    runs = sweep.plan(base, "out", optimizers, rhos=[0.1, 0.2], seeds=2, label_noise=[0, 0.4])
+    names = [run.name for run in runs]
+    cells = [
+        "sgd", "sam-rho0.05", "sam-aace-rho0.1", "sam-aace-rho0.2",
+    ]  # fmt: skip
+    expected = [
+        f"{cell}-noise{noise}-s{seed}" for seed in (0, 1) for noise in ("0", "0.4") for cell in cells
+    ]
+    assert names == expected
+    by_name = {run.name: run.config for run in runs}
+    assert by_name["sam-aace-rho0.2-noise0.4-s1"].rho == 0.2
+    assert by_name["sam-aace-rho0.2-noise0.4-s1"].label_noise == 0.4
+    assert by_name["sam-aace-rho0.2-noise0.4-s1"].seed == 1
+    assert by_name["sam-rho0.05-noise0-s0"].sam_every == 5
+    assert by_name["sgd-noise0-s0"].sam_every == 1  # SGD has no SAM steps to schedule
+    assert by_name["sgd-noise0-s0"].out == str(Path("out") / "sgd-noise0-s0")
+    assert all(config.epochs == 3 for config in by_name.values())
+    # Without --rho and --label-noise: default rho, names without either.
+    plain = sweep.plan({}, "o", sweep.parse_optimizers("sgd,sam-aace"), seeds=1)
+    assert [run.name for run in plain] == ["sgd-s0", "sam-aace-s0"]
+    assert plain[1].config.rho is None and plain[1].config.resolved_rho == 0.2
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: sweep.parse_optimizers("sgd,adam"), "--optimizer: got 'adam' in 'sgd,adam'"),
+        (lambda: sweep.parse_optimizers("sgd:0.1"), "--optimizer: got 'sgd:0.1'; sgd has no rho"),
+        (lambda: sweep.parse_optimizers("sam:x"), "--optimizer: got 'x' in 'sam:x'"),
+        (lambda: sweep.parse_numbers("label-noise", "0,2", 0, 1), "--label-noise: got 2 in '0,2'"),
+        (lambda: sweep.plan({}, "o", [("sgd", None)], seeds=0), "--seeds: got 0; expected"),
+        (lambda: sweep.plan({"lr": -1}, "o", [("sgd", None)]), "--lr: got -1; expected"),
+    ],
+)
+def test_bad_grid_is_named(call, message):
+    with pytest.raises(ConfigError) as error:
+        call()
+    assert message in str(error.value)
+
+
+def test_sweep_trains_the_grid_in_parallel_and_rerunning_trains_nothing(
+    tiny_npz, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(sweep, "available_cpus", lambda: 2)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--out", str(out), "--optimizer", "sgd,sam-aace", "--rho", "0.1,0.2"]
+    argv += ["--seeds", "2", "--label-noise", "0,0.5", "--jobs", "2", "--baseline", "sgd", "--"]
+    argv += _train_args(tiny_npz)
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sweep: 12 runs, 0 finished, 0 to resume, 12 to start; 2 job(s) x 1 thread(s)" in printed
+    names = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert len(names) == 12 and "sam-aace-rho0.2-noise0.5-s1" in names
+    table = (out / "compare.md").read_text()
+    assert table.strip() in printed and "Δ final vs sgd (pp)" in table
+    assert table.count("\n") == 2 + 6  # header, rule, 3 optimizers x 2 noise rates
+    log = (out / "sgd-noise0-s0" / "train.log").read_text()
+    assert "1 torch thread(s)" in log and "final test accuracy" not in printed.split("|")[0]
+
+    # A sweep run is the run 'aace train' makes with the same settings.
+    direct = tmp_path / "direct"
+    flags = ["--optimizer", "sam-aace", "--rho", "0.2", "--seed", "1", "--label-noise", "0.5"]
+    assert main(["train", *_train_args(tiny_npz), *flags, "--out", str(direct)]) == 0
+    swept = (out / "sam-aace-rho0.2-noise0.5-s1" / "metrics.jsonl").read_text().splitlines()
+    mine = (direct / "metrics.jsonl").read_text().splitlines()
+    drop = ("seconds", "images_per_second")
+    assert [{k: v for k, v in json.loads(r).items() if k not in drop} for r in swept] == [
+        {k: v for k, v in json.loads(r).items() if k not in drop} for r in mine
+    ]
+
+    checkpoints = {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")}
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "12 runs, 12 finished, 0 to resume, 0 to start" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/checkpoint.pt")} == checkpoints
+
+
+def test_an_interrupted_run_continues_where_it_stopped(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--out", str(out), "--optimizer", "sam-aace", "--seeds", "1", "--"]
+    argv += [*_train_args(tiny_npz), "--epochs", "3"]
+    # The sweep's run, killed (SIGKILL) at its 9th step, in epoch 2 of 3 (6 steps per epoch).
+    run = out / "sam-aace-s0"
+    killed = subprocess.run(
+        [sys.executable, FAULTS, "train", *_train_args(tiny_npz), "--epochs", "3",
+         "--optimizer", "sam-aace", "--seed", "0", "--out", str(run)],
+        env={**os.environ, "AACE_FAULTS": "step:9"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert main(argv) == 0
+    assert "1 runs, 0 finished, 1 to resume, 0 to start" in capsys.readouterr().out
+    reference = tmp_path / "reference"
+    flags = ["--epochs", "3", "--optimizer", "sam-aace", "--out", str(reference)]
+    assert main(["train", *_train_args(tiny_npz), *flags]) == 0
+    final = [json.loads((p / "summary.json").read_text()) for p in (run, reference)]
+    assert final[0]["final_test_acc"] == final[1]["final_test_acc"]
+    assert final[0]["final_test_loss"] == final[1]["final_test_loss"]
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    # rho 1e30 sends the perturbed weights to inf: that run stops on a non-finite loss.
+    argv = ["sweep", "--out", str(out), "--optimizer", "sgd,sam-aace:1e30", "--seeds", "1", "--"]
+    assert main([*argv, *_train_args(tiny_npz)]) == 1
+    captured = capsys.readouterr()
+    assert "sam-aace-rho1e+30-s0: failed: " in captured.out
+    assert "aace: error: 1 of 2 runs failed (sam-aace-rho1e+30-s0)" in captured.err
+    assert (out / "sgd-s0" / "summary.json").is_file()
+    assert "Traceback" in (out / "sam-aace-rho1e+30-s0" / "train.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "after", "message"),
+    [
+        ([], ["--seed", "1"], "--seed after --: the sweep sets it for each run"),
+        ([], ["--rho", "0.1"], "--rho after --: the sweep sets it"),
+        (["--baseline", "adam"], [], "--baseline: got 'adam'; expected one of the sweep's"),
+        (["--jobs", "0"], [], "--jobs: got 0; expected an integer >= 1"),
+        (["--rho", "0.1,-1"], [], "--rho: got -1 in '0.1,-1'; expected numbers in [0, inf]"),
+        ([], ["--epochs", "0"], "--epochs: got 0; expected an integer >= 1"),
+        ([], ["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_sweep_input_is_one_line_and_exit_2(tiny_npz, tmp_path, extra, after, message, capsys):
+    argv = ["sweep", "--out", str(tmp_path / "s"), "--seeds", "1", *extra, "--"]
+    assert main([*argv, *_train_args(tiny_npz), *after]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[0] and (len(err) == 1 or err[1].startswith("hint:"))
+
+
+def test_a_folder_of_other_settings_is_refused_before_anything_runs(tiny_npz, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--out", str(out), "--optimizer", "sgd", "--seeds", "1", "--"]
+    assert main([*argv, *_train_args(tiny_npz)]) == 0
+    capsys.readouterr()
+    assert main([*argv, *_train_args(tiny_npz), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with other settings (epochs: 2 there, 3 now)" in err
