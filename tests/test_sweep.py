@@ -39,11 +39,12 @@ def test_plan_names_order_and_configurations():
     base = {"dataset": "digits", "epochs": 3, "sam_every": 5}
     runs = sweep.plan(base, "out", optimizers, rhos=[0.1, 0.2], seeds=2, label_noise=[0, 0.4])
     names = [run.name for run in runs]
-    cells = [
-        "sgd", "sam-rho0.05", "sam-aace-rho0.1", "sam-aace-rho0.2",
-    ]  # fmt: skip
+    cells = ["sgd", "sam-rho0.05", "sam-aace-rho0.1", "sam-aace-rho0.2"]
     expected = [
-        f"{cell}-noise{noise}-s{seed}" for seed in (0, 1) for noise in ("0", "0.4") for cell in cells
+        f"{cell}-noise{noise}-s{seed}"
+        for seed in (0, 1)
+        for noise in ("0", "0.4")
+        for cell in cells
     ]
     assert names == expected
     by_name = {run.name: run.config for run in runs}
