@@ -1,8 +1,9 @@
 """What SAM+AACE buys at CPU scale: SGD, SAM and SAM+AACE over a rho grid, several seeds.
 
-Every run is a real ``aace train`` run (in-process, through the same Trainer the CLI uses),
-written to ``--runs-dir``; interrupted runs resume. The tables and plots are made only from
-the run directories, as ``aace compare`` and ``aace plot`` make them.
+The grid is an ``aace sweep`` (:mod:`aace.training.sweep`): every run is a real training run in
+its own process, written to ``--runs-dir``; finished runs are kept and interrupted ones resume.
+The tables and plots are made only from the run directories, as ``aace compare`` and ``aace
+plot`` make them.
 
     python benchmarks/replicate.py --dataset npz:../shared/data/cifar10_5k.npz --model wrn10_1 \\
         --epochs 10 --seeds 3
@@ -28,12 +29,8 @@ from _common import DEFAULT_OUT_DIR, markdown_table, write_results
 
 from aace.data import DatasetError
 from aace.report import compare_table, plot_runs, read_run
-from aace.training.config import RunConfig
-from aace.training.trainer import Trainer
-
-
-def settings(rhos: list[float]) -> list[tuple[str, float | None]]:
-    return [("sgd", None), ("sam", 0.05)] + [("sam-aace", rho) for rho in rhos]
+from aace.training import sweep
+from aace.training.config import ConfigError
 
 
 def _slug(dataset: str) -> str:
@@ -41,31 +38,17 @@ def _slug(dataset: str) -> str:
 
 
 def run_all(args: argparse.Namespace) -> list[Path]:
-    paths = []
-    for seed in range(args.seeds):
-        # Interleave settings within a seed, so a partial sweep still compares like with like.
-        for optimizer, rho in settings(args.rho):
-            name = f"{optimizer}" + (f"-rho{rho:g}" if rho is not None else "") + f"-s{seed}"
-            out = Path(args.runs_dir) / _slug(args.dataset) / name
-            config = RunConfig(
-                dataset=args.dataset,
-                model=args.model,
-                optimizer=optimizer,
-                rho=rho,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                schedule="cosine",
-                seed=seed,
-                device=args.device,
-                out=str(out),
-            )
-            done = (out / "summary.json").exists()
-            if not done:
-                print(f"== {name}", flush=True)
-            Trainer(config, log=(lambda line: None) if done else print).fit(resume=True)
-            paths.append(out)
-    return paths
+    """SGD, SAM (rho 0.05) and SAM+AACE at each rho, for each seed: an ``aace sweep`` grid."""
+    base = dict(
+        dataset=args.dataset, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, schedule="cosine", device=args.device,
+    )  # fmt: skip
+    optimizers = [("sgd", None), ("sam", 0.05)] + [("sam-aace", rho) for rho in args.rho]
+    runs = sweep.plan(base, Path(args.runs_dir) / _slug(args.dataset), optimizers, seeds=args.seeds)
+    failed = [o.run.name for o in sweep.run_sweep(runs, args.jobs) if o.error is not None]
+    if failed:
+        raise RuntimeError(f"runs failed: {', '.join(failed)} (see their train.log)")
+    return [run.out for run in runs]
 
 
 def mechanism_table(paths: list[Path]) -> tuple[str, list[dict]]:
@@ -124,6 +107,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rho", type=float, action="append", help="SAM+AACE rho grid")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at once (aace sweep)")
     parser.add_argument("--runs-dir", default="benchmarks/out/replicate")
     parser.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
     args = parser.parse_args()
@@ -135,7 +119,7 @@ def main() -> int:
         return 2
     try:
         paths = run_all(args)
-    except DatasetError as error:
+    except (DatasetError, ConfigError, RuntimeError) as error:
         print(f"replicate.py: error: {error}", file=sys.stderr)
         return 2
 

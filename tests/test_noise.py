@@ -131,3 +131,31 @@ def test_bad_label_noise_flags_are_one_line(flags, message, capsys):
     assert main(["train", "--dataset", "digits", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_no_augment_trains_on_the_plain_images(tmp_path, monkeypatch):
+    import aace.training.trainer as trainer
+
+    made = []
+
+    class Recording(BatchLoader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(trainer, "BatchLoader", Recording)
+    argv = ["train", "--dataset", "digits", "--model", "wrn10_1", "--epochs", "1"]
+    argv += ["--batch-size", "512", "--optimizer", "sgd", "--out"]
+    assert main([*argv, str(tmp_path / "plain"), "--no-augment"]) == 0
+    assert main([*argv, str(tmp_path / "augmented")]) == 0
+    plain, augmented = (m for m in made if m.train)
+    assert (plain.crop_padding, plain.hflip, plain.cutout) == (0, False, 0)
+    assert augmented.crop_padding == 1  # digits' default random crop
+    x, _ = next(iter(plain))
+    index = plain.indices(0)[: len(x)]
+    assert torch.equal(x, plain._normalize(plain.images[index]))  # exactly the images, unchanged
+
+
+def test_no_augment_with_cutout_is_refused(capsys):
+    assert main(["train", "--dataset", "digits", "--no-augment", "--cutout", "8"]) == 2
+    assert "--cutout: got 8; expected 0 or unset with --no-augment" in capsys.readouterr().err

@@ -114,6 +114,11 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--epochs", type=int, help="default 200")
     add("--schedule", choices=SCHEDULES, help="step: x0.2 at 30/60/80%% of training; or cosine")
     add("--cutout", type=int, help="Cutout square side in pixels (0 = off; default per dataset)")
+    add(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="the dataset's training augmentation: random crop, flip, Cutout (default on)",
+    )
     add("--seed", type=int, help="default 0")
     add("--device", choices=DEVICES, help="default auto")
     add(

@@ -59,6 +59,7 @@ class RunConfig:
     epochs: int = 200
     schedule: str = "step"
     cutout: int | None = None  # None: the dataset's default
+    augment: bool = True  # False: no crop, flip or Cutout (e.g. to study memorization quickly)
     seed: int = 0
     device: str = "auto"
     amp: str = "off"  # "bf16" autocast, or "fp16" autocast with a GradScaler
@@ -121,7 +122,7 @@ class RunConfig:
             fail("betas", self.betas, "the default (0.9, 0.999) unless --base-optimizer adamw")
         if self.base_optimizer != "sgd" and self.nesterov:
             fail("nesterov", self.nesterov, "False unless --base-optimizer sgd")
-        for name in ("pretrained", "tensorboard"):
+        for name in ("pretrained", "tensorboard", "augment"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "True or False")
         if self.pretrained and not self.model.startswith("timm:"):
@@ -146,6 +147,8 @@ class RunConfig:
                 fail(name, value, "an integer >= 1")
         if self.cutout is not None and (not isinstance(self.cutout, int) or self.cutout < 0):
             fail("cutout", self.cutout, "an integer >= 0")
+        if not self.augment and self.cutout:
+            fail("cutout", self.cutout, "0 or unset with --no-augment")
         for name in ("seed", "checkpoint_every", "label_noise_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -380,6 +380,7 @@ class Trainer:
             torch.manual_seed(_derive_seed(config.seed, context.rank))
         optimizer = build_optimizer(model, config)
         cutout = dataset.cutout if config.cutout is None else config.cutout
+        augment = config.augment
         labels = training_labels(config, dataset)
         train_loader = BatchLoader(
             dataset.x_train,
@@ -389,9 +390,9 @@ class Trainer:
             mean=dataset.mean,
             std=dataset.std,
             train=True,
-            crop_padding=dataset.crop_padding,
-            hflip=dataset.hflip,
-            cutout=cutout,
+            crop_padding=dataset.crop_padding if augment else 0,
+            hflip=dataset.hflip and augment,
+            cutout=cutout if augment else 0,
             seed=config.seed,
             rank=context.rank,
             world_size=context.world_size,
