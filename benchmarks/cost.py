@@ -186,8 +186,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         "seeds; accuracies mean ± sd over seeds; the paired difference to full SAM+AACE is the "
         "mean over seeds with its standard error. Wall clock and CPU time are of the whole "
         "`aace train` process (start-up, data loading and evaluation included); training time "
-        "is the sum of the epochs' `seconds`. The machine was shared with other jobs: the wall "
-        "clock is the noisiest of the three."
+        f"is the sum of the epochs' `seconds`. {args.machine_note}"
     )
     return _common.write_results(
         args.name,
@@ -219,6 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         "--out-dir", type=Path, default=_common.DEFAULT_OUT_DIR, help="results directory"
     )
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--machine-note",
+        default="Other jobs may have shared the machine: the wall clock is the noisiest of the "
+        "three.",
+        help="what the report says about the machine's load while the runs ran",
+    )
     args = parser.parse_args(argv)
     runs_dir = args.runs_dir or Path("runs") / args.name
     seeds = list(range(args.seeds))
