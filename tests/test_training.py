@@ -18,7 +18,7 @@ from aace.training.step import NonFiniteError, TrainStep, build_optimizer
 from aace.training.trainer import Trainer
 
 ROW_FIELDS = {
-    "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "ce_loss", "aace_loss",
+    "epoch", "lr", "train_loss", "train_acc", "train_acc_clean", "test_loss", "test_acc", "ce_loss", "aace_loss",
     "grad_norm", "perturbation_norm", "perturbation_cosine", "seconds", "images_per_second",
     "sam_step_fraction",
     "skipped_steps",
@@ -68,6 +68,7 @@ def test_run_directory_for_every_optimizer(npz_path, tmp_path, optimizer):
     for row in rows:
         assert set(row) == ROW_FIELDS
         assert 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1
+        assert row["train_acc_clean"] == row["train_acc"]  # no label noise: the same labels
         sam_fields = [row["grad_norm"], row["perturbation_norm"], row["perturbation_cosine"]]
         if optimizer == "sgd":
             assert sam_fields == [None, None, None]
