@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import DEFAULT_OUT_DIR, markdown_table, write_results
+from replicate import mechanism_table
 from sharpness_of_runs import measure
 
 from aace.report import compare_table, confidence_interval, read_run, run_label, welch_test
@@ -165,6 +166,10 @@ def report(args: argparse.Namespace, runs: list[sweep.SweepRun]) -> str:
         sharp_rows.append(cells)
     sharpness_table = markdown_table(headers, sharp_rows)
 
+    # Without noise the grid is a training-to-convergence study: the paper's mechanism.
+    clean_runs = [run.out for run in finished if run.config.label_noise == 0]
+    mechanism = mechanism_table(clean_runs)[0] if clean_runs else "(no finished run)"
+
     png = plot(args, labels, noises, members)
     compare = compare_table(paths, "sgd") if paths else "(nothing finished yet)"
     first = runs[0].config
@@ -182,6 +187,9 @@ def report(args: argparse.Namespace, runs: list[sweep.SweepRun]) -> str:
         "### Sharpness of the final models: top Hessian eigenvalue / Hessian trace "
         f"(`aace sharpness {args.sharpness}`, on the noisy training labels)\n\n"
         f"{sharpness_table}\n\n"
+        "### Without noise: the mechanism (perturbation-loss gradient norm and cosine between "
+        "consecutive perturbations, mean over seeds, first vs last third of training)\n\n"
+        f"{mechanism}\n\n"
         f"### `aace compare --baseline sgd` of all finished runs\n\n{compare}\n\n"
         f"![accuracy against noise rate]({png.name})\n"
     )
