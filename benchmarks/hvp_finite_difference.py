@@ -84,7 +84,7 @@ def main() -> None:
     rows = measure(args.model, args.images, torch.float32, [1e-1, 1e-2, 1e-3])
     rows += measure(args.model, args.images, torch.float64, [1e-2, 1e-4, 1e-6])
     table = markdown_table(
-        ["dtype", "method", "h", "||Hv_fd - Hv|| / ||Hv||", "time / forward-backward"],
+        ["dtype", "method", "h", "‖Hv_fd − Hv‖ / ‖Hv‖", "time / forward-backward"],
         [
             [r["dtype"], r["method"], "-" if r["h"] is None else f"{r['h']:g}",
              f"{r['relative_error']:.3g}", f"{r['x_forward_backward']:.2f}"]
