@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +186,73 @@ def test_a_folder_of_other_settings_is_refused_before_anything_runs(tiny_npz, tm
     assert main([*argv, *_train_args(tiny_npz), "--epochs", "3"]) == 2
     err = capsys.readouterr().err
     assert "holds a run with other settings (epochs: 2 there, 3 now)" in err
+
+
+def _wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _worker_pids(out: Path) -> set[int]:
+    return {
+        int(line.split("pid ")[1].split(",")[0])
+        for log in out.glob("*/train.log")
+        for line in log.read_text().splitlines()
+        if line.startswith("aace sweep: pid ")
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process states from /proc")
+def test_a_stopped_sweep_stops_its_runs_at_a_checkpoint(tiny_npz, tmp_path):
+    """SIGTERM to the sweep: every run checkpoints and stops, exit status 75. SIGKILL to the
+    sweep: its workers notice, checkpoint and exit instead of training on unobserved."""
+    out = tmp_path / "sweep"
+    names = ("sgd-s0", "sgd-s1")
+    command = [sys.executable, "-m", "aace", "sweep", "--out", str(out), "--optimizer", "sgd"]
+    command += ["--seeds", "2", "--jobs", "2", "--", *_train_args(tiny_npz), "--epochs", "5000"]
+
+    def epochs() -> list[int]:
+        files = [out / name / "metrics.jsonl" for name in names]
+        return [len(f.read_text().splitlines()) if f.is_file() else 0 for f in files]
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(
+            command, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+
+    sweep_process = start()
+    _wait_for(lambda: min(epochs()) >= 1)
+    sweep_process.send_signal(signal.SIGTERM)
+    stdout, stderr = sweep_process.communicate(timeout=120)
+    assert sweep_process.returncode == 75, stderr
+    assert stderr.strip().splitlines() == [
+        "aace: sweep stopped by SIGTERM: 2 run(s) wrote a checkpoint and stopped; rerun the "
+        "same command to continue"
+    ]
+    assert stdout.count(": stopped on SIGTERM") == 2
+    assert all((out / name / "checkpoint.pt").is_file() for name in names)
+    assert not any((out / name / "summary.json").exists() for name in names)
+    _wait_for(lambda: not any(_alive(pid) for pid in _worker_pids(out)), timeout=30)
+
+    # The same command resumes both runs; then the sweep dies without a word.
+    reached = max(epochs())
+    sweep_process = start()
+    _wait_for(lambda: min(epochs()) > reached)
+    sweep_process.kill()
+    stdout, _ = sweep_process.communicate(timeout=60)
+    assert "2 runs, 0 finished, 2 to resume, 0 to start" in stdout
+    _wait_for(lambda: not any(_alive(pid) for pid in _worker_pids(out)), timeout=60)
+    for name in names:  # each run was stopped twice, each time at a checkpoint
+        log = (out / name / "train.log").read_text()
+        assert log.count("aace sweep: stopped by SIGTERM") == 2, log[-2000:]
