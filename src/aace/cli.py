@@ -449,15 +449,17 @@ def _fail(
 
     Under torchrun an error that every rank raised alike (bad input, an agreed stop) is
     reported by rank 0 alone; an error of one rank names it. From here on a SIGTERM (torchrun
-    stopping the other workers once one has exited) ends the process with the same status.
+    stopping the other workers once one has exited) does not change the status: while the
+    error is reported it ends the process with that status, afterwards it is ignored.
     """
     _exit_on_sigterm(status)
     rank = _rank()
-    if rank and raised_on_all_ranks(error):
-        return status
-    if debug:
-        traceback.print_exception(error)
-    print(f"{prefix}{f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr, flush=True)
+    if not (rank and raised_on_all_ranks(error)):
+        if debug:
+            traceback.print_exception(error)
+        message = f"{prefix}{f'[rank {rank}] ' if rank else ''}{message}"
+        print(message, file=sys.stderr, flush=True)
+    _ignore_sigterm()
     return status
 
 
@@ -501,6 +503,14 @@ def _exit_on_sigterm(status: int) -> None:
         os._exit(status)
 
     signal.signal(signal.SIGTERM, exit_now)
+
+
+def _ignore_sigterm() -> None:
+    """Under torchrun, once the error is reported: nothing is left to do but exit. At shutdown
+    Python resets the handlers it installed to the default action, so a SIGTERM arriving then
+    would end the process with -15 instead of its status; an ignored signal stays ignored."""
+    if _rank_count() > 1 and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
