@@ -171,7 +171,8 @@ def report(args: argparse.Namespace, runs: list[sweep.SweepRun]) -> str:
     mechanism = mechanism_table(clean_runs)[0] if clean_runs else "(no finished run)"
 
     png = plot(args, labels, noises, members)
-    compare = compare_table(paths, "sgd") if paths else "(nothing finished yet)"
+    baseline = "sgd" if any(run.config.optimizer == "sgd" for run in finished) else None
+    compare = compare_table(paths, baseline) if paths else "(nothing finished yet)"
     first = runs[0].config
     text = (
         f"Grid: {len(runs)} runs, {len(finished)} finished. {first.dataset}, {first.model}, "
