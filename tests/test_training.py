@@ -18,10 +18,9 @@ from aace.training.step import NonFiniteError, TrainStep, build_optimizer
 from aace.training.trainer import Trainer
 
 ROW_FIELDS = {
-    "epoch", "lr", "train_loss", "train_acc", "train_acc_clean", "test_loss", "test_acc", "ce_loss", "aace_loss",
-    "grad_norm", "perturbation_norm", "perturbation_cosine", "seconds", "images_per_second",
-    "sam_step_fraction",
-    "skipped_steps",
+    "epoch", "lr", "train_loss", "train_acc", "train_acc_clean", "test_loss", "test_acc", "ce_loss",
+    "aace_loss", "grad_norm", "perturbation_norm", "perturbation_cosine", "seconds",
+    "images_per_second", "sam_step_fraction", "skipped_steps",
 }  # fmt: skip
 
 
