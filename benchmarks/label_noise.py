@@ -196,7 +196,8 @@ def report(args: argparse.Namespace, runs: list[sweep.SweepRun]) -> str:
         "### Without noise: the mechanism (perturbation-loss gradient norm and cosine between "
         "consecutive perturbations, mean over seeds, first vs last third of training)\n\n"
         f"{mechanism}\n\n"
-        f"### `aace compare --baseline sgd` of all finished runs\n\n{compare}\n\n"
+        f"### `aace compare{' --baseline sgd' if baseline else ''}` of all finished runs\n\n"
+        f"{compare}\n\n"
         f"![accuracy against noise rate]({png.name})\n"
     )
     return write_results(
