@@ -47,7 +47,9 @@ def _reference_adamw_sam(optimizer: str, w, b, batches):
         else:
             uses_aace = optimizer in ("sam-aace", "sam-aace-normalized")
             g = grads(params, aace_loss if uses_aace else update_loss, x, y)
-            scale = [p.abs() if optimizer == "asam" else torch.ones_like(p) for p in params]
+            # ASAM's operator (Kwon et al. 2021): |w| + 0.01 on weight matrices, 1 on biases.
+            asam = optimizer == "asam"
+            scale = [p.abs() + 0.01 if asam and p.ndim > 1 else torch.ones_like(p) for p in params]
             tg = [s * gi for s, gi in zip(scale, g)]
             norm = torch.sqrt(sum((u**2).sum() for u in tg))
             if optimizer == "sam-aace":

@@ -21,11 +21,18 @@ def tiny_problem(dtype=torch.float64, seed=0):
     return model, x, y
 
 
+def asam_operator(params, eta=0.01):
+    """ASAM's T as a flat vector (Kwon et al. 2021): |w| + eta on weight matrices, 1 elsewhere."""
+    return torch.cat(
+        [(p.abs() + eta if p.ndim > 1 else torch.ones_like(p)).flatten() for p in params]
+    )
+
+
 def hand_perturbation(grads, params, rho, rule, adaptive, eps=1e-12):
     """e for each rule, written out with plain tensor arithmetic on flat vectors."""
     g = torch.cat([t.flatten() for t in grads])
     w = torch.cat([t.flatten() for t in params])
-    scale_w = w.abs() if adaptive else torch.ones_like(w)
+    scale_w = asam_operator(params) if adaptive else torch.ones_like(w)
     if rule == "sam":
         e = rho * scale_w**2 * g / ((scale_w * g).norm() + eps)
     elif rule == "aace":
@@ -303,7 +310,9 @@ def test_sam_and_aace_reduce_a_convex_loss(rule):
             "perturbation must be one of sam, aace, aace-normalized; got 'asam'",
         ),
         (dict(adaptive="yes"), "adaptive must be True or False, got 'yes'"),
-        (dict(perturbation_eps=-1.0), "perturbation_eps must be a number >= 0, got -1.0"),
+        (dict(perturbation_eps=-1.0), "perturbation_eps must be a finite number >= 0, got -1.0"),
+        (dict(adaptive_eta=-0.5), "adaptive_eta must be a finite number >= 0, got -0.5"),
+        (dict(rho=True), "rho must be a finite number >= 0, got True"),
         (dict(foreach="auto"), "foreach must be None, True or False, got 'auto'"),
         (dict(lr=-1.0), "Invalid learning rate: -1.0"),
     ],

@@ -1,0 +1,183 @@
+"""A whole SAM+AACE training step against two SGD steps and against a per-parameter loop.
+
+Rerun the reported measurement from the repository root with:
+
+    .venv/bin/python benchmarks/sam_overhead.py --runs 5 --repeats 15
+
+What is timed: one training step, forward and backward passes included, on a small CNN where the
+optimizer's own bookkeeping is as large a share of the step as it gets (a 14-layer, 16-channel CNN:
+13 convolutions with BatchNorm and ReLU, then a linear layer; 41 parameter tensors), batch 64 of
+3x16x16 random images, 2 threads. Variants, each with its own copy of the model:
+
+* ``SGD x2``: two SGD steps (each: zero_grad, cross-entropy forward-backward, ``opt.step()``), the
+  cost a SAM step is measured against (a SAM step takes two forward-backward passes too).
+* ``SAM+AACE``: ``aace.SAM(perturbation="aace", rho=0.2)``: ``aace_loss`` forward-backward,
+  ``first_step(zero_grad=True)``, cross-entropy forward-backward under
+  ``frozen_batchnorm_stats``, ``second_step(zero_grad=True)``; the statistics off (``aace.SAM``'s
+  default), and with ``--track-stats`` a second variant with them on, as ``aace train`` runs it.
+* ``LoopSAM``: the same passes with ``benchmarks/sam_step.py``'s ``LoopSAM``, the per-parameter
+  loop of the widely copied reference code (clone every parameter, ``p.data`` swapped back).
+
+Each round steps every variant once, in an order that rotates from round to round; a run's figure
+for a variant is the median over ``--repeats`` rounds (after ``--warmup``). ``--runs`` runs are
+made one after another and the ratios are given per run and as median and range over the runs.
+SGD momentum 0.9 and weight decay 5e-4 for every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import _common
+import torch
+import torch.nn.functional as F
+from sam_step import RHO, SGD_KWARGS, LoopSAM, cnn13
+from torch import nn
+
+from aace import SAM, aace_loss, frozen_batchnorm_stats
+
+BATCH, SIZE, CONVOLUTIONS = 64, 16, 13
+
+
+def sgd_twice(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def sam_step(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    aace_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with frozen_batchnorm_stats(model):
+        F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+
+def build(track_stats: bool) -> dict[str, tuple[nn.Module, Any, Callable[..., None]]]:
+    torch.manual_seed(0)
+    base = cnn13(convolutions=CONVOLUTIONS).train()
+    variants: dict[str, tuple[nn.Module, Any, Callable[..., None]]] = {}
+
+    model = copy.deepcopy(base)
+    variants["SGD x2"] = (model, torch.optim.SGD(model.parameters(), **SGD_KWARGS), sgd_twice)
+    model = copy.deepcopy(base)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, perturbation="aace", **SGD_KWARGS)
+    variants["SAM+AACE"] = (model, opt, sam_step)
+    if track_stats:
+        model = copy.deepcopy(base)
+        opt = SAM(
+            model.parameters(),
+            torch.optim.SGD,
+            rho=RHO,
+            perturbation="aace",
+            track_stats=True,
+            **SGD_KWARGS,
+        )
+        variants["SAM+AACE (stats)"] = (model, opt, sam_step)
+    model = copy.deepcopy(base)
+    variants["LoopSAM"] = (
+        model,
+        LoopSAM(model.parameters(), torch.optim.SGD, rho=RHO, **SGD_KWARGS),
+        sam_step,
+    )
+    return variants
+
+
+def one_run(variants: dict[str, Any], repeats: int, warmup: int, seed: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, 3, SIZE, SIZE, generator=gen)
+    y = torch.randint(0, 10, (BATCH,), generator=gen)
+    calls = {
+        name: (lambda model=model, opt=opt, step=step: step(model, opt, x, y))
+        for name, (model, opt, step) in variants.items()
+    }
+    samples = _common.time_interleaved(calls, repeats, warmup)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=_common.positive_int, default=5)
+    parser.add_argument("--name", default="sam_overhead", help="results file name")
+    parser.add_argument(
+        "--track-stats",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time SAM+AACE with its statistics on, as aace train runs it",
+    )
+    _common.add_common_arguments(parser, repeats=15, warmup=3)
+    args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = 2
+    device = _common.setup(parser, args)
+    if device.type != "cpu":
+        parser.error("this harness times the CPU step; got --device " + args.device)
+    variants = build(args.track_stats)
+    names = list(variants)
+    sam_names = [n for n in names if n.startswith("SAM")]
+    references = ["SGD x2", "LoopSAM"]
+    model = variants["SGD x2"][0]
+    tensors = len(list(model.parameters()))
+    params = sum(p.numel() for p in model.parameters())
+
+    rows = []
+    for run in range(args.runs):
+        medians = one_run(variants, args.repeats, args.warmup, seed=run)
+        rows.append({"run": run + 1, "median_step_s": medians})
+    ratios = {
+        f"{sam} / {ref}": [r["median_step_s"][sam] / r["median_step_s"][ref] for r in rows]
+        for sam in sam_names
+        for ref in references
+    }
+    summary = {
+        key: {"median": statistics.median(v), "min": min(v), "max": max(v), "n_runs": len(v)}
+        for key, v in ratios.items()
+    }
+    headers = ["run"] + [f"{n} ms" for n in names] + list(ratios)
+    table_rows = [
+        [r["run"]]
+        + [_common.milliseconds(r["median_step_s"][n]) for n in names]
+        + [f"{ratios[key][i]:.3f}" for key in ratios]
+        for i, r in enumerate(rows)
+    ]
+    table = _common.markdown_table(headers, table_rows)
+    notes = (
+        f"Each run: median of {args.repeats} interleaved steps per variant after {args.warmup} "
+        f"warm-up rounds; {tensors} parameter tensors ({params:,} parameters), batch {BATCH} of "
+        f"3x{SIZE}x{SIZE}, {torch.get_num_threads()} threads.\n\n"
+        + "\n\n".join(
+            f"{key}: median {s['median']:.3f} over {s['n_runs']} runs "
+            f"(range {s['min']:.3f}-{s['max']:.3f})"
+            for key, s in summary.items()
+        )
+    )
+    text = _common.write_results(
+        args.name,
+        rows,
+        table,
+        args.out_dir,
+        device=device,
+        config=dict(
+            runs=args.runs,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            rho=RHO,
+            sgd=SGD_KWARGS,
+            batch=BATCH,
+            size=SIZE,
+            convolutions=CONVOLUTIONS,
+            threads=torch.get_num_threads(),
+        ),
+        extra={"ratios": ratios, "summary": summary},
+        notes=notes,
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
