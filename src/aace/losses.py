@@ -221,7 +221,8 @@ def bisam_loss(
 
     Xie, Latorre, Antonakopoulos, Pethick & Cevher, "Improving SAM Requires Rethinking its
     Optimization Formulation", ICML 2024 (arXiv:2407.12993), Eq. (11); code
-    https://github.com/LIONS-EPFL/BiSAM (``loss_fnc.py``).
+    https://github.com/LIONS-EPFL/BiSAM (``loss_fnc.py``; line numbers below are of commit
+    be996e4).
 
     For logits z (N, C) and targets y, with the margins of every class over the true one
     d_j = z_j - z_y (so d_y = 0), the per-sample loss is
@@ -229,7 +230,7 @@ def bisam_loss(
         Q = (1 / mu) log sum_{j=1}^{C} exp(mu phi(d_j))
 
     a soft maximum (temperature 1 / mu) over the classes of a lower bound phi of the step
-    1[d_j >= 0], which is the 0-1 loss of sample i when taken over j != y. The sum includes
+    1[d_j >= 0], whose maximum over j != y is the sample's 0-1 loss. The sum includes
     j = y, where phi(0) = 0 contributes exp(0) = 1, as in the paper and in the code. The bounds:
 
         "log":  phi(d) = 1 - log(1 + exp(gamma - d)),  gamma = log(e - 1)   (BiSAM (-log))
@@ -237,8 +238,9 @@ def bisam_loss(
 
     Both are increasing in d, so ascending Q (SAM's "sam" rule, e = +rho g / ||g||, with g the
     gradient of Q) moves the weights towards misclassifying the batch; that is BiSAM's
-    perturbation (Algorithm 1, step 4). Q is dimensionless, in the units of phi (at most 1
-    for the 0-1 loss it bounds): max_j phi(d_j) <= Q <= max_j phi(d_j) + log(C) / mu.
+    perturbation (Algorithm 1, step 4). Q is dimensionless, in the units of phi (phi < 1,
+    the 0-1 loss's value on a mistake): max_j phi(d_j) <= Q <= max_j phi(d_j) + log(C) / mu,
+    so Q is the smooth maximum of the per-class lower bounds, within log(C) / mu of their max.
 
     Paper and code, and what is followed here:
 
