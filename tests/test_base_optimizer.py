@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aace import aace_loss
+from aace import aace_loss, bisam_loss
 from aace.cli import main
 from aace.sam import SAM
 from aace.training import trainer as trainer_module
@@ -46,7 +46,8 @@ def _reference_adamw_sam(optimizer: str, w, b, batches):
             g = grads(params, update_loss, x, y)
         else:
             uses_aace = optimizer in ("sam-aace", "sam-aace-normalized")
-            g = grads(params, aace_loss if uses_aace else update_loss, x, y)
+            first_loss = bisam_loss if optimizer == "sam-bisam" else update_loss
+            g = grads(params, aace_loss if uses_aace else first_loss, x, y)
             # ASAM's operator (Kwon et al. 2021): |w| + 0.01 on weight matrices, 1 on biases.
             asam = optimizer == "asam"
             scale = [p.abs() + 0.01 if asam and p.ndim > 1 else torch.ones_like(p) for p in params]
@@ -67,7 +68,9 @@ def _reference_adamw_sam(optimizer: str, w, b, batches):
     return params, m, v
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "sam", "asam", "sam-aace", "sam-aace-normalized"])
+@pytest.mark.parametrize(
+    "optimizer", ["sgd", "sam", "asam", "sam-aace", "sam-aace-normalized", "sam-bisam"]
+)
 def test_adamw_update_matches_the_hand_written_reference(optimizer):
     config = RunConfig(
         optimizer=optimizer, base_optimizer="adamw", betas=BETAS, lr=LR, weight_decay=WD,

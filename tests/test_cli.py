@@ -49,6 +49,22 @@ def test_train_on_each_real_format(dataset, tmp_path, monkeypatch, capsys):
     assert "final test accuracy" in capsys.readouterr().out
 
 
+def test_train_sam_bisam_tiny_job(tiny_npz, tmp_path):
+    out = tmp_path / "bisam"
+    argv = ["train", "--dataset", f"npz:{tiny_npz}", "--out", str(out), *FAST]
+    assert main([*argv, "--optimizer", "sam-bisam"]) == 0
+    saved = json.loads((out / "config.json").read_text())["config"]
+    assert (saved["optimizer"], saved["rho"]) == ("sam-bisam", None)  # None: DEFAULT_RHO
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["epoch"] == 1 and row["grad_norm"] > 0
+    assert row["perturbation_norm"] == pytest.approx(0.05, rel=1e-5)  # BiSAM's CIFAR-10 rho
+
+
+def test_train_help_lists_sam_bisam(capsys):
+    assert main(["train", "--help"]) == 0
+    assert "sam-bisam" in capsys.readouterr().out
+
+
 def test_train_eval_compare_plot(tiny_npz, tmp_path, capsys):
     runs = []
     for optimizer in ("sgd", "sam-aace"):

@@ -1,6 +1,8 @@
-"""Property-based tests (hypothesis) for the AACE loss and the SAM step."""
+"""Property-based tests (hypothesis) for the AACE and BiSAM losses and the SAM step."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from aace import SAM, aace_loss
+from aace import SAM, aace_loss, bisam_loss
 
 finite_logits = st.integers(2, 12).flatmap(
     lambda c: st.tuples(
@@ -56,6 +58,37 @@ def test_aace_finite_and_equal_to_definition(data, threshold, mode):
             want = definition(logits, target, threshold)
             got = aace_loss(logits, target, threshold, "ada", reduction="none")
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    finite_logits,
+    st.sampled_from(["log", "tanh"]),
+    st.sampled_from([0.5, 1.0, 10.0]),
+    st.sampled_from([0.1, 1.0]),
+)
+def test_bisam_finite_and_equal_to_definition(data, bound, mu, alpha):
+    array, seed = data
+    logits = torch.from_numpy(array)
+    target = torch.randint(
+        0, logits.shape[1], (logits.shape[0],), generator=torch.Generator().manual_seed(seed)
+    )
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        z = logits.to(dtype).clone().requires_grad_()
+        loss = bisam_loss(z, target, bound, mu, alpha, reduction="sum")
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+    # The definition, exp then log in float64: phi <= 1 and mu <= 10 keep every exp(mu phi)
+    # below e^10, the j = y term keeps the sum >= 1, and an overflowing softplus gives
+    # phi = -inf, whose term is the 0 it should be.
+    d = logits - logits.gather(1, target[:, None])
+    if bound == "tanh":
+        phi = torch.tanh(alpha * d)
+    else:
+        phi = 1 - torch.log(1 + torch.exp(math.log(math.e - 1) - d))
+    want = torch.log(torch.exp(mu * phi).sum(1)) / mu
+    got = bisam_loss(logits, target, bound, mu, alpha, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 @settings(max_examples=60, deadline=None)

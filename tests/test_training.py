@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aace import SAM, aace_loss, frozen_batchnorm_stats
+from aace import SAM, aace_loss, bisam_loss, frozen_batchnorm_stats
 from aace.training import trainer as trainer_module
 from aace.training.checkpoint import load_checkpoint
 from aace.training.config import ConfigError, RunConfig
@@ -58,7 +58,9 @@ def without_timing(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "sam", "sam-aace", "sam-aace-normalized", "asam"])
+@pytest.mark.parametrize(
+    "optimizer", ["sgd", "sam", "sam-aace", "sam-aace-normalized", "asam", "sam-bisam"]
+)
 def test_run_directory_for_every_optimizer(npz_path, tmp_path, optimizer):
     out = tmp_path / "run"
     summary = Trainer(tiny_config(npz_path, out, optimizer=optimizer), log=lambda _: None).fit()
@@ -74,9 +76,9 @@ def test_run_directory_for_every_optimizer(npz_path, tmp_path, optimizer):
         else:
             assert all(isinstance(v, float) for v in sam_fields)
             assert -1 <= row["perturbation_cosine"] <= 1
-    if optimizer in ("sam", "sam-aace-normalized"):
+    if optimizer in ("sam", "sam-aace-normalized", "sam-bisam"):
         # Normalized rules: ||e|| = rho exactly (up to eps).
-        rho = {"sam": 0.05, "sam-aace-normalized": 0.05}[optimizer]
+        rho = {"sam": 0.05, "sam-aace-normalized": 0.05, "sam-bisam": 0.05}[optimizer]
         assert rows[0]["perturbation_norm"] == pytest.approx(rho, rel=1e-5)
     if optimizer == "sam-aace":
         assert rows[0]["perturbation_norm"] == pytest.approx(0.2 * rows[0]["grad_norm"], rel=1e-5)
@@ -132,6 +134,61 @@ def test_train_step_matches_manual_sam_aace(npz_path, tmp_path):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(stats.ce_loss, F.cross_entropy(logits.detach(), y))
     torch.testing.assert_close(stats.aace_loss, aace_loss(logits.detach(), y))
+
+
+def test_train_step_sam_bisam_perturbs_along_the_bisam_gradient(npz_path, tmp_path):
+    """The trainer's first pass ascends BiSAM's loss: its perturbation is
+    e = +rho g / ||g|| with g = grad bisam_loss (not the cross-entropy), and the whole step
+    equals SAM written out by hand with that first pass."""
+    config = tiny_config(npz_path, tmp_path, optimizer="sam-bisam", label_smoothing=0.1)
+    assert config.resolved_rho == 0.05
+    torch.manual_seed(0)
+    from aace.models import create_model
+
+    model_a = create_model("wrn10_1", 4, 3)
+    model_b = create_model("wrn10_1", 4, 3)
+    model_b.load_state_dict(model_a.state_dict())
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    params_a = [p for p in model_a.parameters()]
+    w0 = [p.detach().clone() for p in params_a]
+    # The gradient BiSAM's perturbation should follow, at w0 (same BatchNorm mode: train).
+    g = torch.autograd.grad(bisam_loss(model_b(x), y), list(model_b.parameters()))
+    model_b.load_state_dict(model_a.state_dict())  # undo the BatchNorm statistics' update
+    norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+    expected_e = [0.05 * gi / (norm + 1e-12) for gi in g]
+    ce_g = torch.autograd.grad(
+        F.cross_entropy(model_b(x), y, label_smoothing=0.1), list(model_b.parameters())
+    )
+    model_b.load_state_dict(model_a.state_dict())
+
+    optimizer = build_optimizer(model_a, config)
+    seen = []
+    first_step = optimizer.first_step
+
+    def record(*args, **kwargs):
+        first_step(*args, **kwargs)
+        seen.append([p.detach() - w for p, w in zip(params_a, w0)])
+
+    optimizer.first_step = record
+    stats = TrainStep(model_a, optimizer, config, torch.device("cpu"))(x, y)
+    (e,) = seen
+    for got, want in zip(e, expected_e):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    cosine_with_ce = sum((a * b).sum() for a, b in zip(e, ce_g)) / (
+        0.05 * torch.sqrt(sum((b**2).sum() for b in ce_g))
+    )
+    assert cosine_with_ce < 0.999  # a different direction from SAM's cross-entropy ascent
+    torch.testing.assert_close(stats.perturbation_norm, torch.tensor(0.05), rtol=1e-5, atol=0)
+
+    opt = SAM(model_b.parameters(), torch.optim.SGD, rho=0.05, perturbation="sam", lr=0.05,
+              momentum=0.9, weight_decay=5e-4)  # fmt: skip
+    bisam_loss(model_b(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with frozen_batchnorm_stats(model_b):
+        F.cross_entropy(model_b(x), y, label_smoothing=0.1).backward()
+    opt.second_step(zero_grad=True)
+    for a, b in zip(model_a.state_dict().values(), model_b.state_dict().values()):
+        torch.testing.assert_close(a, b)
 
 
 class _Killed(Exception):

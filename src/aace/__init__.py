@@ -3,7 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from aace.batchnorm import frozen_batchnorm_stats
-from aace.losses import AACE_MODES, AACELoss, aace_loss
+from aace.losses import AACE_MODES, BISAM_BOUNDS, AACELoss, BiSAMLoss, aace_loss, bisam_loss
 from aace.sam import PERTURBATIONS, SAM
 
 try:
@@ -14,9 +14,12 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "AACE_MODES",
     "AACELoss",
+    "BISAM_BOUNDS",
+    "BiSAMLoss",
     "PERTURBATIONS",
     "SAM",
     "__version__",
     "aace_loss",
+    "bisam_loss",
     "frozen_batchnorm_stats",
 ]

@@ -84,7 +84,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--dropout", type=float, help="WideResNet dropout probability")
     add("--shakedrop", type=float, help="PyramidNet ShakeDrop probability of the last block")
     add("--optimizer", choices=OPTIMIZERS, help="default sam-aace")
-    add("--rho", type=float, help="perturbation radius (default: 0.05 sam, 0.2 sam-aace, 0.5 asam)")
+    add("--rho", type=float, help="radius (default 0.05 sam, sam-bisam; 0.2 sam-aace; 0.5 asam)")
     add("--label-smoothing", type=float, help="label smoothing of the update loss only")
     add("--aace-threshold", type=float, help="AACE threshold in [0, 1] (default 0)")
     add("--aace-mode", choices=("ada", "rand", "const"), help="AACE mode (default ada)")

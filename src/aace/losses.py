@@ -1,7 +1,7 @@
-"""The Adaptive Adversarial Cross-Entropy (AACE) loss.
+"""Perturbation losses for SAM's first pass: AACE (below) and BiSAM (:func:`bisam_loss`).
 
-Ratchatorn & Tanaka, "Adaptive Adversarial Cross-Entropy Loss for Sharpness-Aware
-Minimization", ICIP 2024 (arXiv:2406.14329).
+The Adaptive Adversarial Cross-Entropy (AACE) loss: Ratchatorn & Tanaka, "Adaptive Adversarial
+Cross-Entropy Loss for Sharpness-Aware Minimization", ICIP 2024 (arXiv:2406.14329).
 
 For logits z (N, C) and targets y, with q = softmax(z) (detached when the target is built)
 and p_y = q_y, the adversarial target distribution t is
@@ -30,10 +30,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AACE_MODES", "REDUCTIONS", "AACELoss", "aace_loss"]
+__all__ = [
+    "AACE_MODES",
+    "BISAM_BOUNDS",
+    "REDUCTIONS",
+    "AACELoss",
+    "BiSAMLoss",
+    "aace_loss",
+    "bisam_loss",
+]
 
 AACE_MODES = ("ada", "rand", "const")
 REDUCTIONS = ("none", "mean", "sum")
+# BiSAM's lower bounds phi of the 0-1 step, and the temperature mu each uses when none is given
+# (see bisam_loss for where these come from).
+BISAM_BOUNDS = ("log", "tanh")
+BISAM_DEFAULT_MU = {"log": 1.0, "tanh": 10.0}
+# gamma = log(e - 1) makes the "log" bound 0 at a zero margin, as the step's lower bound must be.
+_BISAM_GAMMA = math.log(math.e - 1.0)
 
 
 def _check_options(threshold: float, mode: str, reduction: str) -> None:
@@ -168,3 +182,138 @@ class AACELoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}, mode={self.mode!r}, reduction={self.reduction!r}"
+
+
+def _check_bisam_options(bound: str, mu: float | None, alpha: float, reduction: str) -> None:
+    def positive(x: object) -> bool:
+        return (
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+        )
+
+    if bound not in BISAM_BOUNDS:
+        raise ValueError(f"bound must be one of {', '.join(BISAM_BOUNDS)}; got {bound!r}")
+    if mu is not None and not positive(mu):
+        raise ValueError(f"mu must be a finite number > 0 (or None for the default), got {mu!r}")
+    if not positive(alpha):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
+
+
+def _bisam_phi(margin: torch.Tensor, bound: str, alpha: float) -> torch.Tensor:
+    """phi(margin), elementwise: a smooth lower bound of the step 1[margin >= 0], phi(0) = 0."""
+    if bound == "tanh":
+        return torch.tanh(alpha * margin)
+    # 1 - log(1 + exp(gamma - m)) = 1 - softplus(gamma - m). logaddexp is exact for every
+    # finite argument, unlike F.softplus, which switches to the identity above its threshold.
+    return 1.0 - torch.logaddexp(torch.zeros_like(margin), _BISAM_GAMMA - margin)
+
+
+def bisam_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    bound: str = "log",
+    mu: float | None = None,
+    alpha: float = 0.1,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """BiSAM's perturbation loss: a smooth lower bound of the 0-1 loss, to be *ascended*.
+
+    Xie, Latorre, Antonakopoulos, Pethick & Cevher, "Improving SAM Requires Rethinking its
+    Optimization Formulation", ICML 2024 (arXiv:2407.12993), Eq. (11); code
+    https://github.com/LIONS-EPFL/BiSAM (``loss_fnc.py``; line numbers below are of commit
+    be996e4).
+
+    For logits z (N, C) and targets y, with the margins of every class over the true one
+    d_j = z_j - z_y (so d_y = 0), the per-sample loss is
+
+        Q = (1 / mu) log sum_{j=1}^{C} exp(mu phi(d_j))
+
+    a soft maximum (temperature 1 / mu) over the classes of a lower bound phi of the step
+    1[d_j >= 0], whose maximum over j != y is the sample's 0-1 loss. The sum includes
+    j = y, where phi(0) = 0 contributes exp(0) = 1, as in the paper and in the code. The bounds:
+
+        "log":  phi(d) = 1 - log(1 + exp(gamma - d)),  gamma = log(e - 1)   (BiSAM (-log))
+        "tanh": phi(d) = tanh(alpha d)                                      (BiSAM (tanh))
+
+    Both are increasing in d, so ascending Q (SAM's "sam" rule, e = +rho g / ||g||, with g the
+    gradient of Q) moves the weights towards misclassifying the batch; that is BiSAM's
+    perturbation (Algorithm 1, step 4). Q is dimensionless, in the units of phi (phi < 1,
+    the 0-1 loss's value on a mistake): max_j phi(d_j) <= Q <= max_j phi(d_j) + log(C) / mu,
+    so Q is the smooth maximum of the per-class lower bounds, within log(C) / mu of their max.
+
+    Paper and code, and what is followed here:
+
+    * The factor 1 / mu is the paper's (Eq. 11, and the repository's README); the code omits
+      it (``loss_fnc.py`` lines 22 and 30). It rescales Q and its gradient by a positive
+      constant, so the normalized SAM perturbation is the same either way; the paper's form is
+      kept so that Q stays in phi's units for every mu.
+    * ``bound="log"`` is the default: it is the code's default optimizer (``args.py`` line 4,
+      ``--optim bisam_log``) and the one of the README's example command.
+    * ``mu=None`` takes 1 for "log" (``loss_fnc.py`` line 26 and ``args.py`` line 20 agree)
+      and 10 for "tanh" (the default of ``perturbation_loss_tanh``, ``loss_fnc.py`` line 18).
+      The code disagrees with itself for "tanh": ``train.py`` line 49 passes ``args.mu``,
+      whose default is 1.0 (``args.py`` line 20), so their script runs tanh with mu = 1
+      unless ``--mu`` is given. Pass ``mu=1.0`` to reproduce that.
+    * ``alpha=0.1`` for "tanh": ``loss_fnc.py`` line 18 and ``args.py`` line 21 agree. The
+      "log" bound has no such parameter; alpha is then unused.
+
+    Everything is computed with logsumexp and logaddexp (never exp then log), so the loss and
+    its gradient are finite for any finite logits, in float32 as in float64 (e.g. logit
+    margins of 1e4, where exp overflows even in float64).
+
+    Args:
+        logits: (N, C) unnormalized scores, C >= 2. float16/bfloat16 inputs are computed in
+            float32 and the loss is returned in float32, as ``F.cross_entropy`` does under
+            autocast.
+        target: (N,) integer (int64 or narrower) class indices in [0, C).
+        bound: the lower bound phi, "log" or "tanh" (see above).
+        mu: the log-sum-exp's inverse temperature, a finite number > 0; None for the bound's
+            default (1 for "log", 10 for "tanh").
+        alpha: the slope of the "tanh" bound, a finite number > 0 (unused by "log").
+        reduction: "none" (per-sample losses, shape (N,)), "mean" or "sum".
+
+    Raises:
+        ValueError: an option outside the values above (the message names it, the value given
+            and what is allowed), logits that are not a floating-point (N, C) tensor with
+            C >= 2, or a target that is not an (N,) integer tensor with values in [0, C)
+            (on accelerators the range is checked asynchronously instead).
+    """
+    _check_bisam_options(bound, mu, alpha, reduction)
+    _check_inputs(logits, target)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    mu = BISAM_DEFAULT_MU[bound] if mu is None else float(mu)
+    margins = logits - logits.gather(1, target.long().unsqueeze(1))  # (N, C), 0 at y
+    per_sample = torch.logsumexp(mu * _bisam_phi(margins, bound, alpha), dim=1) / mu  # (N,)
+    if reduction == "mean":
+        return per_sample.mean()
+    if reduction == "sum":
+        return per_sample.sum()
+    return per_sample
+
+
+class BiSAMLoss(nn.Module):
+    """``nn.Module`` form of :func:`bisam_loss`, for use as a criterion."""
+
+    def __init__(
+        self,
+        bound: str = "log",
+        mu: float | None = None,
+        alpha: float = 0.1,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        _check_bisam_options(bound, mu, alpha, reduction)
+        self.bound = bound
+        self.mu = BISAM_DEFAULT_MU[bound] if mu is None else float(mu)
+        self.alpha = float(alpha)
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return bisam_loss(logits, target, self.bound, self.mu, self.alpha, self.reduction)
+
+    def extra_repr(self) -> str:
+        return (
+            f"bound={self.bound!r}, mu={self.mu}, alpha={self.alpha}, reduction={self.reduction!r}"
+        )

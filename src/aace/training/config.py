@@ -9,7 +9,7 @@ from typing import Any
 
 from aace.losses import AACE_MODES
 
-OPTIMIZERS = ("sgd", "sam", "sam-aace", "sam-aace-normalized", "asam")
+OPTIMIZERS = ("sgd", "sam", "sam-aace", "sam-aace-normalized", "asam", "sam-bisam")
 # The optimizer that makes the update, alone ("sgd" above) or inside SAM (every other rule).
 BASE_OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
@@ -21,8 +21,16 @@ NONFINITE = ("stop", "skip")
 PERTURBATION_SYNCS = ("local", "global")
 
 # rho when --rho is not given: SAM's 0.05 (Foret et al.), AACE's 0.2 (Ratchatorn & Tanaka),
-# ASAM's 0.5 for CIFAR-10 (Kwon et al.).
-DEFAULT_RHO = {"sgd": 0.0, "sam": 0.05, "sam-aace": 0.2, "sam-aace-normalized": 0.05, "asam": 0.5}
+# ASAM's 0.5 for CIFAR-10 (Kwon et al.), BiSAM's 0.05 for CIFAR-10 (Xie et al.: the default
+# and README example of their code, the SAM rho of the Kwon et al. setup they follow).
+DEFAULT_RHO = {
+    "sgd": 0.0,
+    "sam": 0.05,
+    "sam-aace": 0.2,
+    "sam-aace-normalized": 0.05,
+    "asam": 0.5,
+    "sam-bisam": 0.05,
+}
 
 
 class ConfigError(ValueError):

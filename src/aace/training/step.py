@@ -1,4 +1,5 @@
-"""One training step for every optimizer of the CLI: sgd, sam, asam, sam-aace, sam-aace-normalized.
+"""One training step for every optimizer of the CLI: sgd, sam, asam, sam-aace, sam-aace-normalized,
+sam-bisam (SAM's "sam" rule ascending BiSAM's lower bound of the 0-1 loss, :func:`bisam_loss`).
 
 A step returns 0-dim device tensors only (losses, correct count, SAM statistics), so the loop
 never waits for the device; the trainer sums them and reads them once per epoch. The exceptions,
@@ -43,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from aace import amp
 from aace.batchnorm import frozen_batchnorm_stats
-from aace.losses import aace_loss
+from aace.losses import aace_loss, bisam_loss
 from aace.sam import SAM
 from aace.schedule import SAMSchedule, squared_grad_norm
 from aace.training.config import RunConfig
@@ -57,6 +58,7 @@ SAM_RULES = {
     "asam": ("sam", True),
     "sam-aace": ("aace", False),
     "sam-aace-normalized": ("aace-normalized", False),
+    "sam-bisam": ("sam", False),
 }
 
 
@@ -183,6 +185,7 @@ class TrainStep:
         self.is_sam = isinstance(optimizer, SAM)
         self.schedule = schedule if self.is_sam else None
         self.uses_aace = config.optimizer in ("sam-aace", "sam-aace-normalized")
+        self.uses_bisam = config.optimizer == "sam-bisam"
         self.skip_nonfinite = config.nonfinite == "skip"
         self.local_perturbation = config.perturbation_sync == "local"
         self.accumulate = config.accumulate
@@ -200,6 +203,8 @@ class TrainStep:
     def perturbation_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.uses_aace:
             return aace_loss(logits, y, self.config.aace_threshold, self.config.aace_mode)
+        if self.uses_bisam:
+            return bisam_loss(logits, y)  # BiSAM (-log), mu = 1: see bisam_loss
         return self.update_loss(logits, y)
 
     def _stats(
