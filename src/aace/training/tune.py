@@ -353,10 +353,12 @@ def _study_names(spec: TuneSpec) -> list[tuple[str, str]]:
 def _sampler(spec: TuneSpec, name: str, optimizer: str) -> Any:
     optuna = _require_optuna()
     if name.endswith("-final"):
-        return optuna.samplers.GridSampler({"seed": spec.final_seed_values})
+        return optuna.samplers.GridSampler({"seed": spec.final_seed_values}, seed=spec.seed)
     spaces = spec.spaces_for(optimizer)
     if spec.is_grid(optimizer):
-        return optuna.samplers.GridSampler({s.name: list(s.values or ()) for s in spaces})
+        return optuna.samplers.GridSampler(
+            {s.name: list(s.values or ()) for s in spaces}, seed=spec.seed
+        )
     budget = spec.budget(optimizer)
     # TPE (Bergstra et al., NeurIPS 2011) after a third of the budget of random trials.
     return optuna.samplers.TPESampler(
