@@ -264,5 +264,7 @@ def test_two_workers_on_postgresql(npz_path, tmp_path, postgres_url):
     assert first.returncode == 0, stderr
     assert second.returncode == 0, second.stderr
     check_study(out, "sam", [0.02, 0.1, 0.5])
-    study = optuna.load_study(study_name="sam", storage=postgres_url)
+    study = optuna.load_study(
+        study_name="sam", storage=postgres_url.replace("postgresql:", "postgresql+psycopg2:")
+    )
     assert len(study.trials) == 3

@@ -324,9 +324,13 @@ def open_storage(spec: TuneSpec) -> Any:
         path = Path(spec.out) / JOURNAL if spec.storage is None else Path(spec.storage[8:])
         path.parent.mkdir(parents=True, exist_ok=True)
         return _heartbeat_journal(str(path), spec.heartbeat, retry)
+    url = spec.storage
+    if url.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy 2.1 defaults to psycopg 3; aace[tune] brings psycopg2.
+        url = "postgresql+psycopg2://" + url.split("://", 1)[1]
     try:
         return optuna.storages.RDBStorage(
-            spec.storage,
+            url,
             heartbeat_interval=spec.heartbeat,
             grace_period=2 * spec.heartbeat,
             heartbeat_stale_trial_callback=retry,
