@@ -1,4 +1,4 @@
-"""The ``aace`` command line: train, sweep, eval, compare, plot, sharpness, presets.
+"""The ``aace`` command line: train, sweep, tune, eval, compare, plot, sharpness, presets.
 
 Every user error becomes one line on stderr and exit status 2; ``--debug`` shows the traceback.
 """
@@ -69,6 +69,20 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="S",
         help="seed of the label corruption, independent of --seed (default 0)",
+    )
+    add(
+        "--val-split",
+        type=float,
+        metavar="F",
+        help="hold out fraction F of the training set (after --label-noise), stratified per "
+        "class, as a validation split: metrics gain val_loss/val_acc, the run keeps the weights "
+        "of its best-val_acc epoch in best.pt (0 <= F < 1; default 0: no split)",
+    )
+    add(
+        "--val-split-seed",
+        type=int,
+        metavar="S",
+        help="seed of the validation split, independent of --seed (default 0)",
     )
     add(
         "--model",
@@ -201,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     _train_arguments(train)
 
     evaluate = commands.add_parser("eval", help="test accuracy and loss of a checkpoint")
-    evaluate.add_argument("checkpoint", help="a checkpoint.pt from a run directory")
+    evaluate.add_argument(
+        "checkpoint",
+        help="a checkpoint.pt (the last epoch) or best.pt (the epoch the validation split "
+        "selected) from a run directory",
+    )
     evaluate.add_argument("--data-dir", help="override the dataset directory of the run")
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
 
@@ -259,6 +277,83 @@ def build_parser() -> argparse.ArgumentParser:
         "train_args", nargs="*", metavar="-- TRAIN_ARGS", help="aace train arguments"
     )
 
+    tune = commands.add_parser(
+        "tune",
+        help="search hyperparameters (rho, lr, ...) on a validation split with Optuna, then "
+        "train each optimizer's choice with new seeds; many workers and machines may share it",
+        description="Each optimizer gets its own search with the same budget; every trial is "
+        "a run directory in --out. The same command on another machine (same --storage) joins "
+        "the search. Arguments after -- are 'aace train' arguments, the same for every trial. "
+        "Needs pip install 'aace[tune]'. See docs/tuning.md.",
+    )
+    tune.add_argument("--out", required=True, help="the tuning's folder (runs, journal, report)")
+    tune.add_argument(
+        "--optimizer",
+        default="sam,sam-aace",
+        help="comma-separated optimizers, each searched on its own (default sam,sam-aace)",
+    )
+    for name, what in (
+        ("rho", "the perturbation radius (SAM optimizers)"),
+        ("lr", "the base learning rate"),
+        ("weight-decay", "the weight decay"),
+        ("label-smoothing", "the label smoothing of the update loss"),
+    ):
+        tune.add_argument(
+            f"--{name}",
+            metavar="SPACE",
+            help=f"search {what}: LOW:HIGH, LOW:HIGH:log (Optuna's TPE sampler, --trials "
+            "trials) or V1,V2,... (a grid when every searched value is a list)",
+        )
+    tune.add_argument("--trials", type=int, help="trials per optimizer for a range search")
+    tune.add_argument(
+        "--val-split",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="fraction of the training set held out to choose on (default 0.1, as in SAM)",
+    )
+    tune.add_argument("--val-split-seed", type=int, default=0, metavar="S", help="default 0")
+    tune.add_argument("--seed", type=int, default=0, help="training seed of the trials (default 0)")
+    tune.add_argument(
+        "--final-seeds",
+        type=int,
+        default=0,
+        metavar="K",
+        help="train each optimizer's best configuration with K new seeds and report its test "
+        "accuracy at the validation-selected epoch (default 0)",
+    )
+    tune.add_argument("--baseline", metavar="OPTIMIZER", help="Welch p-values against it")
+    tune.add_argument(
+        "--workers", type=int, default=1, help="trials trained at once by this command"
+    )
+    tune.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage (default: the journal file OUT/study.journal): sqlite:///PATH, "
+        "postgresql://USER:PASSWORD@HOST/DB, mysql://..., or journal:PATH",
+    )
+    tune.add_argument(
+        "--pruner",
+        choices=("asha", "median", "none"),
+        default="asha",
+        help="asynchronous successive halving (default), median, or none",
+    )
+    tune.add_argument(
+        "--min-epochs",
+        type=int,
+        metavar="R",
+        help="epochs before the first pruning decision (default: max(1, epochs // 27))",
+    )
+    tune.add_argument(
+        "--heartbeat",
+        type=int,
+        default=60,
+        metavar="SECONDS",
+        help="a running trial's worker reports every SECONDS; a trial silent for twice that "
+        "goes back to the queue and continues from its checkpoint (default 60)",
+    )
+    tune.add_argument("train_args", nargs="*", metavar="-- TRAIN_ARGS", help="aace train arguments")
+
     commands.add_parser("presets", help="list the presets")
     return parser
 
@@ -315,6 +410,64 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+_TUNE_OWNED = ("optimizer", "seed", "out", "resume", "val_split", "val_split_seed")
+_TUNE_SEARCHABLE = ("rho", "lr", "weight_decay", "label_smoothing")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from aace.training import tune
+
+    if _rank_count() > 1:
+        raise ConfigError("aace tune starts its own processes; run it without torchrun")
+    train_parser = _Parser(prog="aace train")
+    _train_arguments(train_parser)
+    try:
+        train_args = train_parser.parse_args(args.train_args)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    for name in _TUNE_OWNED + _TUNE_SEARCHABLE:
+        given = getattr(train_args, name)
+        if given in (None, False):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in _TUNE_SEARCHABLE and getattr(args, name) is None:
+            continue  # not searched: fixed for every trial
+        raise ConfigError(
+            f"{flag} after --: aace tune sets it for each trial; give it to 'aace tune' "
+            "before -- instead"
+        )
+    spaces = [
+        tune.parse_space(name, getattr(args, name))
+        for name in _TUNE_SEARCHABLE
+        if getattr(args, name) is not None
+    ]
+    base = config_values(train_args)
+    for name in ("optimizer", "rho"):
+        base.pop(name, None)  # a preset's; the tuning sets them
+    spec = tune.TuneSpec(
+        out=args.out,
+        optimizers=[o.strip() for o in args.optimizer.split(",") if o.strip()],
+        spaces=spaces,
+        base=base,
+        trials=args.trials,
+        val_split=args.val_split,
+        val_split_seed=args.val_split_seed,
+        seed=args.seed,
+        final_seeds=args.final_seeds,
+        pruner=args.pruner,
+        min_epochs=args.min_epochs,
+        storage=args.storage,
+        workers=args.workers,
+        heartbeat=args.heartbeat,
+        baseline=args.baseline,
+    )
+    tune.run_tune(spec, log=lambda line: print(line, flush=True))
+    out = Path(args.out)
+    print((out / tune.REPORT_MD).read_text(), end="")
+    print(f"wrote {out / tune.REPORT_MD}, {out / tune.REPORT_JSON}, {out / tune.REPORT_PLOT}")
+    return 0
+
+
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
     """The RunConfig fields that the preset and then the flags given on the command line set."""
     values: dict[str, Any] = preset(args.preset) if args.preset else {}
@@ -350,6 +503,14 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(config, log=lambda line: print(line, flush=True))
     summary = trainer.fit(resume=args.resume)
     if not trainer.is_main:
+        return 0
+    if summary.get("selected_epoch") is not None:
+        print(
+            f"selected epoch {summary['selected_epoch']} (validation accuracy "
+            f"{summary['selected_val_acc']:.4f}): test accuracy "
+            f"{summary['test_acc_at_selected']:.4f}, its model in "
+            f"{Path(config.out) / 'best.pt'}; final test accuracy {summary['final_test_acc']:.4f}"
+        )
         return 0
     print(
         f"final test accuracy {summary['final_test_acc']:.4f}, best {summary['best_test_acc']:.4f} "
@@ -434,6 +595,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "sweep":
         return _sweep(args)
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "plot":
         from aace.report import plot_runs
 

@@ -148,6 +148,26 @@ def _final_test_acc(run: Run) -> float:
     return run.rows[-1]["test_acc"]
 
 
+def selected_test_acc(run: Run) -> float | None:
+    """The test accuracy at the epoch the run's validation split selects (the highest
+    ``val_acc``, the earliest of equals); None for a run without a validation split."""
+    from aace.training.metrics import selected_row
+
+    row = selected_row(run.rows)
+    return None if row is None else row["test_acc"]
+
+
+def _validated(members: list[Run]) -> bool:
+    """Whether the runs of a row have a validation split (all or none of them may)."""
+    has = [any(row.get("val_acc") is not None for row in r.rows) for r in members]
+    if any(has) and not all(has):
+        raise ReportError(
+            f"'{members[has.index(False)].path}' has no validation split but "
+            f"'{members[has.index(True)].path}' of the same row has; compare runs of one kind"
+        )
+    return all(has)
+
+
 def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     """Runs by (setting, label), in the order first seen: the rows of :func:`compare_table`."""
     groups: dict[tuple[str, str], list[Run]] = {}
@@ -159,6 +179,11 @@ def group_runs(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
 def compare_table(paths: list[str | Path], baseline: str | None = None) -> str:
     """Markdown table of final and best test accuracy (%) per setting and optimizer: mean ± std
     over seeds, the 95 % confidence interval of the final accuracy's mean (Student t) and n.
+
+    For runs with a validation split (``--val-split``) the "best" column is not the maximum
+    over epochs of the test accuracy (which reads the test set to pick the epoch) but the test
+    accuracy at the epoch with the best validation accuracy, with its own 95 % interval; the
+    header says which the table shows, and a row mixing both kinds is refused.
 
     ``baseline``, an optimizer label as the table shows it (``sgd``, ``sam rho=0.05``), adds
     each row's difference in final accuracy to that row of its setting, in percentage points,
@@ -174,9 +199,14 @@ def compare_table(paths: list[str | Path], baseline: str | None = None) -> str:
         raise ReportError(f"--baseline: got {baseline!r}; expected a row's optimizer: {labels}")
     noisy = any(run.config.get("label_noise") for run in runs)
     columns = SHARPNESS_COLUMNS if any(run.sharpness for run in runs) else ()
-    header = (
-        "| setting | optimizer | final test acc (%) | 95 % CI | best test acc (%) | n | epochs |"
-    )
+    validated = {(s, label): _validated(members) for (s, label), members in groups.items()}
+    if all(validated.values()):
+        best_header = "test acc at val-selected epoch (%) | 95 % CI"
+    elif any(validated.values()):
+        best_header = "best test acc (%), or † at the val-selected epoch | 95 % CI †"
+    else:
+        best_header = "best test acc (%)"
+    header = f"| setting | optimizer | final test acc (%) | 95 % CI | {best_header} | n | epochs |"
     if baseline is not None:
         header += f" Δ final vs {baseline} (pp) | p (Welch) |"
     if noisy:
@@ -185,11 +215,17 @@ def compare_table(paths: list[str | Path], baseline: str | None = None) -> str:
     lines = [header, "|---" * header.count(" |") + "|"]
     for (setting, label), members in groups.items():
         final = [_final_test_acc(r) for r in members]
-        best = [max(row["test_acc"] for row in r.rows) for r in members]
         epochs = sorted({len(r.rows) for r in members})
+        if validated[(setting, label)]:
+            selected = [selected_test_acc(r) for r in members]
+            best_cell = f"{_mean_std(selected)} | {_percent_interval(selected)}"
+            best_cell = best_cell if all(validated.values()) else f"{best_cell} †"
+        else:
+            best = [max(row["test_acc"] for row in r.rows) for r in members]
+            best_cell = _mean_std(best) + (" | –" if any(validated.values()) else "")
         line = (
             f"| {setting} | {label} | {_mean_std(final)} | {_percent_interval(final)} "
-            f"| {_mean_std(best)} | {len(members)} | {', '.join(map(str, epochs))} |"
+            f"| {best_cell} | {len(members)} | {', '.join(map(str, epochs))} |"
         )
         if baseline is not None:
             reference = groups.get((setting, baseline))

@@ -49,6 +49,10 @@ class RunConfig:
     # the corruption is its own, so that --seed varies training but not which labels are wrong.
     label_noise: float = 0.0
     label_noise_seed: int = 0
+    # A validation split held out of the (noisy) training set, stratified per class
+    # (aace.data.validation_split), under a seed of its own; 0: no split.
+    val_split: float = 0.0
+    val_split_seed: int = 0
     model: str = "wrn16_1"
     dropout: float = 0.0
     shakedrop: float = 0.0
@@ -149,6 +153,8 @@ class RunConfig:
             value = getattr(self, name)
             if not finite(value) or not 0 <= value <= 1:
                 fail(name, value, "a number in [0, 1]")
+        if not finite(self.val_split) or not 0 <= self.val_split < 1:
+            fail("val_split", self.val_split, "a number in [0, 1) (0: no validation split)")
         for name in ("batch_size", "epochs", "image_size", "accumulate", "log_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -157,7 +163,7 @@ class RunConfig:
             fail("cutout", self.cutout, "an integer >= 0")
         if not self.augment and self.cutout:
             fail("cutout", self.cutout, "0 or unset with --no-augment")
-        for name in ("seed", "checkpoint_every", "label_noise_seed"):
+        for name in ("seed", "checkpoint_every", "label_noise_seed", "val_split_seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 fail(name, value, "an integer >= 0")

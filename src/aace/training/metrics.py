@@ -14,7 +14,9 @@ from aace.training.config import RunConfig
 from aace.training.distributed import Distributed
 from aace.training.step import NonFiniteError, StepStats
 
-__all__ = ["TIMING_FIELDS", "EpochSums", "Progress", "json_safe", "summarize"]
+__all__ = [
+    "TIMING_FIELDS", "EpochSums", "Progress", "json_safe", "selected_row", "summarize"
+]  # fmt: skip
 
 # Columns that differ between two runs with the same result.
 TIMING_FIELDS = ("seconds", "images_per_second")
@@ -114,16 +116,25 @@ class EpochSums:
         is_sam: bool,
         test: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         context: Distributed,
+        validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        noisy: bool = False,
     ) -> tuple[dict[str, float | None], int]:
-        """The epoch's training and test metrics over all ranks, and the number of training
-        samples of all ranks: one collective and one host transfer per epoch. Raises
+        """The epoch's training, validation and test metrics over all ranks, and the number of
+        training samples of all ranks: one collective and one host transfer per epoch. Raises
         :class:`NonFiniteError` on every rank if any rank saw a non-finite value (its message has
-        an ``{epoch}`` field for the caller)."""
+        an ``{epoch}`` field for the caller).
+
+        ``validation`` (summed loss, correct, correct against the true labels, count; see
+        :func:`aace.training.trainer.evaluate_sums`) adds ``val_loss`` and ``val_acc``, and with
+        ``noisy`` labels ``val_acc_clean``."""
         names = [*self.sums, *self.sam, "cosine_sum", "cosine_count"]
         names += ["test_loss", "test_correct", "test_count", "samples", "skipped"]
         local = [*self.sums.values(), *self.sam.values(), self.cosine_sum, self.cosine_count]
         local += [t.to(self.device, torch.float64) for t in test]
         local += [torch.tensor(float(n), device=self.device) for n in (self.samples, self.skipped)]
+        if validation is not None:
+            names += ["val_loss", "val_correct", "val_clean_correct", "val_count"]
+            local += [t.to(self.device, torch.float64) for t in validation]
         table = context.gather(torch.stack([*local, self.first_bad]))  # (ranks, len(names) + 1)
         bad = table[:, -1]
         first_bad = torch.where(bad >= 0, bad, torch.inf).min()
@@ -150,6 +161,12 @@ class EpochSums:
             "test_loss": v["test_loss"] / test_count,
             "test_acc": v["test_correct"] / test_count,
         }
+        if validation is not None:
+            val_count = max(v["val_count"], 1)
+            row["val_loss"] = v["val_loss"] / val_count
+            row["val_acc"] = v["val_correct"] / val_count  # against the labels (noisy or not)
+            if noisy:
+                row["val_acc_clean"] = v["val_clean_correct"] / val_count  # the true labels
         if is_sam and self.sam_steps_taken:
             # Means over the SAM steps taken and, under DDP, over the ranks' own perturbations.
             row["grad_norm"] = v["grad_norm"] / done
@@ -166,8 +183,24 @@ def json_safe(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def selected_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row of the epoch a validation split selects: the highest ``val_acc``, the earliest
+    of equals (the model a user would keep). None without a validation split or rows."""
+    scored = [r for r in rows if r.get("val_acc") is not None]
+    return max(scored, key=lambda r: r["val_acc"]) if scored else None  # max keeps the first
+
+
 def summarize(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
     best = max(rows, key=lambda r: r["test_acc"]) if rows else None
+    selected = selected_row(rows)
+    validation = {}
+    if config.val_split:
+        validation = {
+            "val_split": config.val_split,
+            "selected_epoch": selected["epoch"] if selected else None,
+            "selected_val_acc": selected["val_acc"] if selected else None,
+            "test_acc_at_selected": selected["test_acc"] if selected else None,
+        }
     return {
         "optimizer": config.optimizer,
         "rho": config.resolved_rho if config.optimizer != "sgd" else None,
@@ -180,6 +213,7 @@ def summarize(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
         "best_epoch": best["epoch"] if best else None,
         "final_test_loss": rows[-1]["test_loss"] if rows else None,
         "seconds": sum(r["seconds"] for r in rows),
+        **validation,
     }
 
 

@@ -2,10 +2,14 @@
 
 A run directory holds ``config.json`` (the resolved configuration and versions),
 ``metrics.jsonl`` (one JSON object per finished epoch), ``checkpoint.pt`` (the latest state) and
-``summary.json`` (final and best test accuracy, written when the run ends).
+``summary.json`` (final and best test accuracy, written when the run ends). A run with a
+validation split (``--val-split``) also keeps ``best.pt``: the model of the epoch with the
+highest ``val_acc`` (the earliest of equals), the one a user would keep; ``summary.json`` then
+names that epoch and its test accuracy.
 
-Order of writes at the end of an epoch: the metrics row is appended, then the checkpoint (which
-also carries all rows so far) replaces the previous one. A resume rewrites ``metrics.jsonl``
+Order of writes at the end of an epoch: the metrics row is appended, then ``best.pt`` when the
+epoch is the best so far, then the checkpoint (which also carries all rows so far) replaces the
+previous one. A resume rewrites ``metrics.jsonl``
 from the checkpoint, so the file never holds an epoch twice or an epoch past the checkpoint.
 
 Under torchrun every process runs :meth:`Trainer.fit` on its shard of the data; rank 0 alone
@@ -32,7 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import aace
-from aace.data import BatchLoader, InMemoryDataset, load_dataset, symmetric_label_noise
+from aace.data import (
+    BatchLoader,
+    InMemoryDataset,
+    load_dataset,
+    symmetric_label_noise,
+    validation_split,
+)
 from aace.data.loader import _derive_seed
 from aace.integrations.tensorboard import TensorBoardLog
 from aace.models import create_model
@@ -46,7 +56,7 @@ from aace.training.checkpoint import (
 )
 from aace.training.config import ConfigError, RunConfig
 from aace.training.distributed import Distributed, on_all_ranks
-from aace.training.metrics import EpochSums, Progress, json_safe, summarize
+from aace.training.metrics import EpochSums, Progress, json_safe, selected_row, summarize
 from aace.training.preemption import Preempted, StopRequest
 from aace.training.step import (
     NonFiniteError,
@@ -57,6 +67,7 @@ from aace.training.step import (
 )
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"  # the model of the epoch a validation split selects
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -178,23 +189,50 @@ def build_scheduler(
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_sums(
     model: nn.Module, loader: BatchLoader, amp: str = "off"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed CE loss, correct count and sample count over the loader, as device tensors
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed CE loss, correct count, correct count against the loader's clean labels (the
+    labels themselves when it has none) and sample count over the loader, as device tensors
     (over this rank's shard; the trainer sums them across ranks)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
+    clean_correct = torch.zeros((), device=device, dtype=torch.int64)
     count = torch.zeros((), device=device, dtype=torch.int64)
-    for x, y in loader:
+    for x, y, *clean in loader:  # (x, y), or (x, y, clean_y) with noisy labels
         with autocast(device, amp):
             logits = model(x)
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        predicted = logits.argmax(1)
+        correct += (predicted == y).sum()
+        clean_correct += (predicted == (clean[0] if clean else y)).sum()
         count += y.numel()
+    return loss_sum, correct, clean_correct, count
+
+
+def evaluate(
+    model: nn.Module, loader: BatchLoader, amp: str = "off"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed CE loss, correct count and sample count over the loader (see
+    :func:`evaluate_sums`)."""
+    loss_sum, correct, _, count = evaluate_sums(model, loader, amp)
     return loss_sum, correct, count
+
+
+def split_training_set(
+    config: RunConfig, dataset: InMemoryDataset
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training labels (:func:`training_labels`, noisy or not) and the indices of the
+    training and validation parts (:func:`aace.data.validation_split` of those labels: the
+    noise comes first, so validation labels are as noisy as training labels). The same on
+    every rank."""
+    labels = training_labels(config, dataset)
+    train, validation = validation_split(
+        labels, config.val_split, dataset.num_classes, config.val_split_seed
+    )
+    return labels, train, validation
 
 
 @dataclass
@@ -224,6 +262,7 @@ class _Run:
     train_loader: BatchLoader
     test_loader: BatchLoader
     stop: StopRequest
+    val_loader: BatchLoader | None = None  # the validation split, when the run has one
     rows: list[dict[str, Any]] = field(default_factory=list)
     kept: str = "no checkpoint written"  # what a stop on a non-finite value leaves behind
 
@@ -250,9 +289,18 @@ def _merged_sums(states: list[dict[str, Any]], is_main: bool) -> dict[str, Any]:
 class Trainer:
     """Trains one run described by a :class:`RunConfig` into its run directory."""
 
-    def __init__(self, config: RunConfig, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        log: Callable[[str], None] = print,
+        on_epoch: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        """``on_epoch(row, rows)`` is called (on every rank) after each epoch's checkpoint with
+        that epoch's metrics row and all rows so far; an exception it raises ends :meth:`fit`
+        with the checkpoint of that epoch on disk (``aace tune`` prunes trials this way)."""
         self.config = config.validate()
         self.log = log
+        self.on_epoch = on_epoch
         self.out = Path(config.out)
         self.is_main = True  # False on ranks > 0 once fit() knows
         self.tensorboard: TensorBoardLog | None = None  # rank 0 with --tensorboard
@@ -365,12 +413,16 @@ class Trainer:
                 config.dataset, config.data_dir, config.download, config.image_size
             )
         )
-        if config.batch_size > len(dataset.y_train):
+        try:
+            labels, train_part, val_part = split_training_set(config, dataset)
+        except ValueError as error:  # a function of the data and the config: alike on all ranks
+            raise on_all_ranks(error) from None
+        if config.batch_size > len(train_part):
+            what = "training part" if config.val_split else "training set"
             raise on_all_ranks(
                 ConfigError(
                     f"--batch-size: got {config.batch_size}, larger than the {dataset.name} "
-                    f"training set ({len(dataset.y_train)} images); expected at most "
-                    f"{len(dataset.y_train)}"
+                    f"{what} ({len(train_part)} images); expected at most {len(train_part)}"
                 )
             )
         model = build_model(config, dataset).to(device)
@@ -381,11 +433,13 @@ class Trainer:
         optimizer = build_optimizer(model, config)
         cutout = dataset.cutout if config.cutout is None else config.cutout
         augment = config.augment
-        labels = training_labels(config, dataset)
+        whole = len(train_part) == len(labels)  # no split: no copy
         train_loader = BatchLoader(
-            dataset.x_train,
-            labels,
-            clean_labels=dataset.y_train if config.label_noise else None,
+            dataset.x_train if whole else dataset.x_train[train_part],
+            labels if whole else labels[train_part],
+            clean_labels=(dataset.y_train if whole else dataset.y_train[train_part])
+            if config.label_noise
+            else None,
             batch_size=batch_size,
             mean=dataset.mean,
             std=dataset.std,
@@ -420,6 +474,19 @@ class Trainer:
             test_loader=build_test_loader(dataset, device, context.rank, context.world_size),
             stop=stop,
         )
+        if len(val_part):
+            run.val_loader = BatchLoader(
+                dataset.x_train[val_part],
+                labels[val_part],
+                clean_labels=dataset.y_train[val_part] if config.label_noise else None,
+                batch_size=EVAL_BATCH_SIZE,
+                mean=dataset.mean,
+                std=dataset.std,
+                train=False,
+                rank=context.rank,
+                world_size=context.world_size,
+                device=device,
+            )
 
         position = _Position()
         if checkpoint is not None:
@@ -443,8 +510,9 @@ class Trainer:
                 "".join(json.dumps(json_safe(r)) + "\n" for r in position.rows),
             )
         processes = f", {context.world_size} processes" if context.enabled else ""
+        split = f"{len(train_part)} train / {len(val_part)} validation" if len(val_part) else ""
         log(
-            f"{config.optimizer} on {dataset.name} ({len(dataset.y_train)} train / "
+            f"{config.optimizer} on {dataset.name} ({split or f'{len(train_part)} train'} / "
             f"{len(dataset.y_test)} test, {dataset.num_classes} classes), {config.model} "
             f"({sum(p.numel() for p in model.parameters()):,} parameters), {device}"
             f"{processes}, {config.epochs} epochs -> {self.out}"
@@ -463,8 +531,12 @@ class Trainer:
                     os.fsync(f.fileno())
             if self.tensorboard is not None:
                 self.tensorboard.log_epoch(json_safe(row))
+            if run.val_loader is not None and selected_row(rows) is row and context.is_main:
+                self._save_best(run, epoch + 1)
             self._save(run, _Position(epoch=epoch + 1, rows=rows))
             log(self._format_row(row))
+            if self.on_epoch is not None:
+                self.on_epoch(row, rows)
             if epoch + 1 < config.epochs and stop.agreed():
                 raise on_all_ranks(
                     Preempted(self._stopped_message(stop, f"after epoch {epoch + 1}"))
@@ -474,6 +546,22 @@ class Trainer:
         if context.is_main:
             atomic_write_json(self.out / SUMMARY, summary)
         return summary
+
+    def _save_best(self, run: _Run, epoch: int) -> None:
+        """``best.pt``: the model after ``epoch``, the best by validation accuracy so far, in
+        the checkpoint format (``aace eval`` and :func:`load_trained_model` read it)."""
+        save_checkpoint(
+            self.out / BEST,
+            {
+                "config": self.config.to_dict(),
+                "epoch": epoch,
+                "model": run.model.state_dict(),
+                "num_classes": run.dataset.num_classes,
+                "in_channels": run.dataset.in_channels,
+                "aace_version": aace.__version__,
+                "selected_by": "val_acc",
+            },
+        )
 
     def _save(self, run: _Run, position: _Position, sums: EpochSums | None = None) -> None:
         """Write the checkpoint of ``position`` (rank 0 writes; every rank contributes its
@@ -563,9 +651,14 @@ class Trainer:
         progress.close()
         distributed.broadcast_buffers(model, run.context)
         test = evaluate(model, run.test_loader, config.amp)
+        validation = None
+        if run.val_loader is not None:
+            validation = evaluate_sums(model, run.val_loader, config.amp)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
         try:
-            values, samples = sums.row(step.is_sam, test, run.context)
+            values, samples = sums.row(
+                step.is_sam, test, run.context, validation, noisy=bool(config.label_noise)
+            )
         except NonFiniteError as error:
             raise self._nonfinite(error, epoch, run.kept) from None
         row.update(values)
@@ -665,6 +758,8 @@ class Trainer:
             f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} "
             f"acc {row['test_acc']:.4f}"
         )
+        if row.get("val_acc") is not None:
+            text += f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
         if row.get("train_acc_clean") not in (None, row["train_acc"]):  # label noise
             text += f"  train acc on true labels {row['train_acc_clean']:.4f}"
         if row["grad_norm"] is not None:
