@@ -12,7 +12,7 @@ import pytest
 from scipy import integrate
 
 from aace.cli import main
-from aace.report import compare_table, confidence_interval, welch_test
+from aace.report import compare_table, confidence_interval, percent_interval, welch_test
 
 
 def _t_density(x: float, df: float) -> float:
@@ -65,6 +65,14 @@ def _fake_run(path, optimizer, seed, accuracies, noise=0.0):
     return path
 
 
+def test_accuracy_intervals_stay_within_0_and_100_and_need_n_3():
+    # n = 2: the t-interval is mean ± 12.7 sd (t_0.975,1 = 12.706): not printed.
+    assert percent_interval([0.97, 0.99]) == "n < 3"
+    # Near 100 %: mean 0.99, sd 0.01, n = 3: 0.99 ± 4.303 * 0.01 / sqrt(3) = [0.9652, 1.0148].
+    assert percent_interval([0.98, 0.99, 1.0]) == "[96.52, 100.00]*"
+    assert percent_interval([0.5, 0.6, 0.7]) == "[35.16, 84.84]"  # 0.6 ± 4.303 * 0.1 / sqrt(3)
+
+
 def test_compare_with_a_baseline_reports_differences_and_p_values(tmp_path, capsys):
     finals = {"sgd": [0.55, 0.58, 0.54], "sam": [0.61, 0.64, 0.60]}
     runs = [
@@ -74,7 +82,7 @@ def test_compare_with_a_baseline_reports_differences_and_p_values(tmp_path, caps
     ]
     assert main(["compare", *runs, "--baseline", "sgd"]) == 0
     table = capsys.readouterr().out
-    header, _, sgd, sam = table.strip().splitlines()
+    header, _, sgd, sam = table.split("\n\n")[0].strip().splitlines()
     assert "Δ final vs sgd (pp) | p (Welch) |" in header and "true labels" in header
     assert "40 % label noise" in sgd
     low, high = confidence_interval(finals["sam"])

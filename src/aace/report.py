@@ -123,9 +123,24 @@ def welch_test(values: list[float], baseline: list[float]) -> tuple[float, float
         return difference, float(stats.ttest_ind(values, baseline, equal_var=False).pvalue)
 
 
-def _percent_interval(values: list[float]) -> str:
+MIN_INTERVAL_N = 3
+INTERVAL_NOTE = (
+    "95 % CI: Student-t interval of the mean over seeds; not shown below n = 3 (with n = 2 it is "
+    "the mean ± 12.7 standard deviations: nearly meaningless); * a bound clipped to [0, 100] %, "
+    "where a t-interval, which assumes normal errors, can reach past what an accuracy can be."
+)
+
+
+def percent_interval(values: list[float]) -> str:
+    """The 95 % t-interval of a mean accuracy (values in [0, 1]) as ``[low, high]`` in percent:
+    ``"n < 3"`` for fewer than 3 values, and bounds clipped to [0, 100] and marked ``*``
+    (:data:`INTERVAL_NOTE` says why)."""
+    if len(values) < MIN_INTERVAL_N:
+        return f"n < {MIN_INTERVAL_N}"
     low, high = confidence_interval(values)
-    return "–" if math.isnan(low) else f"[{100 * low:.2f}, {100 * high:.2f}]"
+    clipped = low < 0 or high > 1
+    low, high = max(low, 0.0), min(high, 1.0)
+    return f"[{100 * low:.2f}, {100 * high:.2f}]" + ("*" if clipped else "")
 
 
 def _sharpness_value(run: Run, key: str) -> float | None:
@@ -218,13 +233,13 @@ def compare_table(paths: list[str | Path], baseline: str | None = None) -> str:
         epochs = sorted({len(r.rows) for r in members})
         if validated[(setting, label)]:
             selected = [selected_test_acc(r) for r in members]
-            best_cell = f"{_mean_std(selected)} | {_percent_interval(selected)}"
+            best_cell = f"{_mean_std(selected)} | {percent_interval(selected)}"
             best_cell = best_cell if all(validated.values()) else f"{best_cell} †"
         else:
             best = [max(row["test_acc"] for row in r.rows) for r in members]
             best_cell = _mean_std(best) + (" | –" if any(validated.values()) else "")
         line = (
-            f"| {setting} | {label} | {_mean_std(final)} | {_percent_interval(final)} "
+            f"| {setting} | {label} | {_mean_std(final)} | {percent_interval(final)} "
             f"| {best_cell} | {len(members)} | {', '.join(map(str, epochs))} |"
         )
         if baseline is not None:
@@ -243,7 +258,7 @@ def compare_table(paths: list[str | Path], baseline: str | None = None) -> str:
             values = [v for r in members if (v := _sharpness_value(r, key)) is not None]
             line += f" {_mean_std_plain(values, len(members))} |"
         lines.append(line)
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + INTERVAL_NOTE
 
 
 PLOTTED = (

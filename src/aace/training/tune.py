@@ -806,6 +806,8 @@ def _percent(value: float | None) -> str:
 
 
 def _markdown(spec: TuneSpec, report: dict[str, Any]) -> str:
+    from aace.report import INTERVAL_NOTE, percent_interval
+
     spaces = ", ".join(
         f"{s.name} in {list(s.values)}"
         if s.values is not None
@@ -854,11 +856,10 @@ def _markdown(spec: TuneSpec, report: dict[str, Any]) -> str:
                     + (" – | – |" if spec.baseline else "")
                 )
                 continue
-            ci = final["ci95"]
             line = (
                 f"| {optimizer} | {chosen} | {_percent(final['mean'])} ± "
                 f"{_percent(final['sd'] or 0.0)} | "
-                f"{f'[{_percent(ci[0])}, {_percent(ci[1])}]' if ci else '–'} | {final['n']} |"
+                f"{percent_interval(final['test_acc_at_selected'])} | {final['n']} |"
             )
             if spec.baseline:
                 if "difference_vs_baseline" in final:
@@ -868,6 +869,8 @@ def _markdown(spec: TuneSpec, report: dict[str, Any]) -> str:
                 else:
                     line += " – | – |"
             lines.append(line)
+    if spec.final_seeds:
+        lines += ["", INTERVAL_NOTE]
     return "\n".join(lines) + "\n"
 
 
