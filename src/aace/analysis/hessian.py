@@ -1,7 +1,7 @@
 """Hessian-vector products, the top Hessian eigenvalues (Lanczos) and the trace (Hutchinson).
 
 H is the Hessian of L(w) = (1/N) sum_b n_b loss_fn(model(x_b), y_b) with respect to the model's
-parameters that have ``requires_grad`` (see :mod:`aace.analysis._objective`). H is never formed:
+parameters that have ``requires_grad``, as everywhere in :mod:`aace.analysis`. H is never formed:
 everything is built on Hessian-vector products (Pearlmutter, Neural Computation 1994)
 
     H v = d/dw (grad L(w) . v),
