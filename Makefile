@@ -35,8 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/replicate.py --dataset npz:$(CIFAR5K) --model wrn10_1 --epochs 10 --batch-size 128 --lr 0.1 --seeds 3
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples scripts
-	$(BIN)/ruff format --check src tests benchmarks examples scripts
+	$(BIN)/ruff check src tests benchmarks examples scripts docs/*.py
+	$(BIN)/ruff format --check src tests benchmarks examples scripts docs/*.py
 
 # The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link, a reference to a
 # missing name or a docstring that does not parse fails the build. No network is needed.

@@ -14,7 +14,9 @@ from typing import Any
 
 import griffe
 
-_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|obj|exc):`(?P<tilde>~?)(?P<name>[^`]+)`")
+_ROLE = re.compile(
+    r":(?:py:)?(?:class|func|meth|mod|attr|data|obj|exc):`(?P<tilde>~?)(?P<name>[^`]+)`"
+)
 logger = griffe.logger
 
 
@@ -41,7 +43,9 @@ class SphinxRoles(griffe.Extension):
 
     def _walk(self, package: griffe.Module, obj: griffe.Object) -> None:
         if obj.docstring is not None:
-            obj.docstring.value = _ROLE.sub(lambda m: self._link(package, obj, m), obj.docstring.value)
+            obj.docstring.value = _ROLE.sub(
+                lambda m: self._link(package, obj, m), obj.docstring.value
+            )
         for member in obj.members.values():
             if not member.is_alias:
                 self._walk(package, member)

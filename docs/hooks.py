@@ -129,7 +129,9 @@ def cli_page() -> str:
         "| command | what it does |",
         "| :--- | :--- |",
     ]
-    lines += [f"| [`aace {name}`](#aace-{name}) | {_escape(help_)} |" for name, help_, _ in commands]
+    lines += [
+        f"| [`aace {name}`](#aace-{name}) | {_escape(help_)} |" for name, help_, _ in commands
+    ]
     lines += ["", "## aace", ""] + _parser_section(parser, 2)
     for name, help_, subparser in commands:
         lines += [f"## aace {name}", ""]
@@ -192,9 +194,11 @@ def include_results(markdown: str, page_uri: str) -> str:
             else:
                 body.append(
                     _IMAGE.sub(
-                        lambda m: f"![{m.group('alt')}]({link(m.group('src'))})"
-                        if "/" not in m.group("src")
-                        else m.group(0),
+                        lambda m: (
+                            f"![{m.group('alt')}]({link(m.group('src'))})"
+                            if "/" not in m.group("src")
+                            else m.group(0)
+                        ),
                         line,
                     )
                 )
