@@ -81,7 +81,7 @@ def _subcommands(parser: argparse.ArgumentParser) -> list[tuple[str, str, argpar
     found = []
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            helps = {c.dest: (c.help or "").replace("%%", "%") for c in action._choices_actions}
             for name, subparser in action.choices.items():
                 found.append((name, helps.get(name) or "", subparser))
     return found
@@ -190,7 +190,12 @@ def include_results(markdown: str, page_uri: str) -> str:
             if line.startswith(("Command:", "Machine:")):
                 provenance.append(line)
             elif heading:
-                body.append(f"{'#' * min(6, len(heading.group(1)) + shift)} {heading.group(2)}")
+                # "Title: a long explanation" -> a short heading (and table of contents entry)
+                # with the explanation as the paragraph under it.
+                title, _, explanation = heading.group(2).partition(": ")
+                body.append(f"{'#' * min(6, len(heading.group(1)) + shift)} {title}")
+                if explanation:
+                    body += ["", explanation[0].upper() + explanation[1:] + "."]
             else:
                 body.append(
                     _IMAGE.sub(
