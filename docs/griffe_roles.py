@@ -17,6 +17,7 @@ import griffe
 _ROLE = re.compile(
     r":(?:py:)?(?:class|func|meth|mod|attr|data|obj|exc):`(?P<tilde>~?)(?P<name>[^`]+)`"
 )
+_LITERAL = re.compile(r"(\S)::\n")
 logger = griffe.logger
 
 
@@ -43,6 +44,9 @@ class SphinxRoles(griffe.Extension):
 
     def _walk(self, package: griffe.Module, obj: griffe.Object) -> None:
         if obj.docstring is not None:
+            # reST's "text::" before a literal block reads "text:" in Markdown, where the
+            # indented block is a code block already.
+            obj.docstring.value = _LITERAL.sub(r"\1:\n", obj.docstring.value)
             obj.docstring.value = _ROLE.sub(
                 lambda m: self._link(package, obj, m), obj.docstring.value
             )
