@@ -45,6 +45,8 @@ from aace.sam import SAM
 __all__ = ["SAM_PASSES", "unscale_"]
 
 SAM_PASSES = ("perturbation", "update")
+"""The values of :func:`unscale_`'s ``sam_pass``: the pass before ``first_step`` and the pass
+before ``second_step``."""
 
 
 def unscale_(

@@ -56,6 +56,8 @@ pl = require("lightning.pytorch", "lightning", "aace.integrations.lightning", pa
 __all__ = ["PERTURBATION_SYNCS", "SAMModule", "SAMStepOutput", "sam_step"]
 
 PERTURBATION_SYNCS = ("local", "global")
+"""The values of ``perturbation_sync``: each process perturbs with its own gradient ("local",
+the m-sharpness setting of Foret et al., ICLR 2021) or with the all-reduced one ("global")."""
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -29,6 +29,7 @@ from aace.integrations import require
 __all__ = ["TENSORBOARD_DIR", "TensorBoardLog"]
 
 TENSORBOARD_DIR = "tensorboard"
+"""The folder of a run directory that holds the TensorBoard events (``epochs/``, ``steps/``)."""
 STEP_LOSS_TAG = "step/train_loss"
 
 

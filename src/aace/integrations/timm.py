@@ -23,6 +23,7 @@ from aace.integrations import require
 __all__ = ["PREFIX", "create_timm_model"]
 
 PREFIX = "timm:"
+"""A model name that starts with this (``timm:resnet18``) is built by timm."""
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
