@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/aace compare $(DEMO)/sgd-s* $(DEMO)/sam-s* $(DEMO)/sam-aace-s*
 	$(BIN)/aace plot $(DEMO)/sgd-s* $(DEMO)/sam-s* $(DEMO)/sam-aace-s* --out $(DEMO)/curves.png
 
-# Every table and plot of the README's Performance and Results sections (about 1.5 h on 2 CPU
+# The main tables and plots of the manual's Performance and Studies pages (about 1.5 h on 2 CPU
 # cores). CIFAR5K is the real CIFAR-10 subset the team provides; pass another path if needed.
 CIFAR5K ?= ../shared/data/cifar10_5k.npz
 bench: $(STAMP)
