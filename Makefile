@@ -41,10 +41,10 @@ lint: $(STAMP)
 # The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link, a reference to a
 # missing name or a docstring that does not parse fails the build. No network is needed.
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 docs-serve: $(STAMP)
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 test: lint docs
 	$(BIN)/python -m pytest

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from latex2mathml.converter import convert as latex_to_mathml
-from mkdocs.structure.files import File, Files
+from mkdocs.structure.files import File, Files, InclusionLevel
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -249,7 +249,13 @@ def on_files(files: Files, config) -> Files:
     for path in sorted(RESULTS.glob("*")):
         if path.suffix in (".png", ".md"):
             uri = f"{RESULTS_URI}/{path.name}"
-            files.append(File.generated(config, uri, abs_src_path=os.fspath(path)))
+            # a page of its own, reached from the pages that include it, not from the nav
+            inclusion = (
+                InclusionLevel.NOT_IN_NAV if path.suffix == ".md" else InclusionLevel.UNDEFINED
+            )
+            files.append(
+                File.generated(config, uri, abs_src_path=os.fspath(path), inclusion=inclusion)
+            )
     return files
 
 
