@@ -40,7 +40,10 @@ _IMAGE = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?P<src>[^)\s]+)\)")
 
 
 def _escape(text: str) -> str:
-    return text.replace("<", "&lt;").replace(">", "&gt;")
+    """Help text as literal Markdown: ``wrn{depth}_{width}`` must not turn italic."""
+    for char in "\\`*_[]":
+        text = text.replace(char, "\\" + char)
+    return text.replace("<", "&lt;").replace(">", "&gt;").replace("|", "&#124;")
 
 
 def _invocation(action: argparse.Action) -> str:
