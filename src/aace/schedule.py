@@ -69,8 +69,19 @@ PLAIN, SAM_KIND = 0, 1
 
 
 def squared_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """``sum_p ||p.grad||^2`` over the parameters with a gradient, a 0-dim float32 tensor on the
-    first gradient's device (one fused norm per device and dtype, no host sync)."""
+    """``sum_p ||p.grad||^2`` over the parameters with a gradient: the statistic
+    :meth:`SAMSchedule.observe` takes for the adaptive rule.
+
+    Args:
+        params: parameters (e.g. ``model.parameters()``); those without ``.grad`` are skipped.
+
+    Returns:
+        A 0-dim float32 tensor on the first gradient's device (one fused norm per device and
+        dtype, no host synchronization).
+
+    Raises:
+        ValueError: no parameter has a gradient.
+    """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         raise ValueError("squared_grad_norm: no parameter has a gradient; call backward() first")
@@ -100,6 +111,10 @@ class SAMSchedule:
 
     Call :meth:`sam_step` once per step (it advances the counter) and, with the adaptive rule,
     :meth:`observe` once per step that was not skipped, after the first backward pass.
+
+    Raises:
+        ValueError: ``every`` < 1, ``start_step`` < 0, ``adaptive`` not finite or combined with
+            ``every``/``start_step``, or ``decay`` outside [0, 1).
     """
 
     def __init__(
