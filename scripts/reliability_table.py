@@ -1,10 +1,10 @@
-"""Feed the CLI each bad input the README's "Reliability" table lists; print what the user sees.
+"""Feed the CLI each bad input of the manual's Reliability page; print what the user sees.
 
     .venv/bin/python scripts/reliability_table.py > /tmp/table.md
     .venv/bin/python scripts/reliability_table.py --torchrun   # also under torchrun, 2 workers
 
 Every case runs ``aace`` in a subprocess (as a user would) inside a scratch directory and records
-the exit status and the first line of stderr. The table in the README is this script's output.
+the exit status and the first line of stderr. benchmarks/results/reliability.md is its output.
 """
 
 from __future__ import annotations

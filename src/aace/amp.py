@@ -45,6 +45,8 @@ from aace.sam import SAM
 __all__ = ["SAM_PASSES", "unscale_"]
 
 SAM_PASSES = ("perturbation", "update")
+"""The values of :func:`unscale_`'s ``sam_pass``: the pass before ``first_step`` and the pass
+before ``second_step``."""
 
 
 def unscale_(
@@ -63,9 +65,15 @@ def unscale_(
         sam_pass: for a :class:`~aace.sam.SAM` optimizer, which pass the gradients belong to,
             "perturbation" (before ``first_step``) or "update" (before ``second_step``).
 
-    Returns the scaler's own found-inf record for this pass: a float32 tensor on the gradients'
-    device, nonzero when a gradient or the loss is inf/NaN. In-place changes to it (an
-    ``all_reduce`` with ``MAX`` across ranks) are what ``scaler.update()`` will see.
+    Returns:
+        The scaler's own found-inf record for this pass: a 1-element float32 tensor on the
+        gradients' device, nonzero when a gradient or the loss is inf/NaN. In-place changes to
+        it (an ``all_reduce`` with ``MAX`` across ranks) are what ``scaler.update()`` will see.
+
+    Raises:
+        ValueError: ``scaler`` is not an enabled ``GradScaler``; ``sam_pass`` is missing or
+            unknown for a SAM optimizer, or given for another optimizer; the gradients lie on
+            more than one device.
     """
     if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
         raise ValueError(f"scaler must be an enabled torch.amp.GradScaler, got {scaler!r}")

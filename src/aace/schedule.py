@@ -9,21 +9,23 @@ to keep most of SAM's gain for a fraction of the extra passes, for any perturbat
   switching from SGD to SAM for the last part of training reaches SAM's flatness and accuracy).
   ``every`` and ``start_step`` combine: steps s, s + k, s + 2k, ...
 * ``adaptive=c``: a SAM step when the squared gradient norm is large compared with its recent
-  values (AE-SAM, Jiang et al., ICLR 2023). With ``s_t = ||g_t||^2`` and exponential moving
-  averages of decay ``d`` (AE-SAM's 0.9)::
+  values (AE-SAM, Jiang et al., ICLR 2023).
 
-      mu_t    = d mu_{t-1}    + (1 - d) s_t
-      var_t   = d var_{t-1}   + (1 - d) (s_t - mu_t)^2
-      step t + 1 is a SAM step  iff  s_t >= mu_t + c sqrt(var_t)
+The adaptive rule, with ``s_t = ||g_t||^2`` and exponential moving averages of decay ``d``
+(AE-SAM's 0.9):
 
-  Two differences from AE-SAM, both so that a plain step costs one pass for every rule. (1) The
-  decision for step t + 1 is taken from the gradient of step t: AE-SAM decides from the current
-  step's gradient at w, which a SAM+AACE step computes for the AACE loss and a plain step for the
-  update loss, so deciding first would need a third pass. (2) For the same reason, ``g_t`` is the
-  gradient at w of the step's first pass, whose loss depends on the kind of step; ``mu`` and
-  ``var`` are kept separately for plain steps and SAM steps, so each ``s_t`` is compared with
-  values of the same quantity. The first observation of a kind sets its mean (variance 0), and
-  step 0 is a SAM step.
+    mu_t    = d mu_{t-1}    + (1 - d) s_t
+    var_t   = d var_{t-1}   + (1 - d) (s_t - mu_t)^2
+    step t + 1 is a SAM step  iff  s_t >= mu_t + c sqrt(var_t)
+
+Two differences from AE-SAM, both so that a plain step costs one pass for every rule. (1) The
+decision for step t + 1 is taken from the gradient of step t: AE-SAM decides from the current
+step's gradient at w, which a SAM+AACE step computes for the AACE loss and a plain step for the
+update loss, so deciding first would need a third pass. (2) For the same reason, ``g_t`` is the
+gradient at w of the step's first pass, whose loss depends on the kind of step; ``mu`` and
+``var`` are kept separately for plain steps and SAM steps, so each ``s_t`` is compared with
+values of the same quantity. The first observation of a kind sets its mean (variance 0), and
+step 0 is a SAM step.
 
 Cost. The step-count rules are host arithmetic on a step counter: no device work, no
 synchronization. The adaptive rule costs, per step, one fused norm over the gradients
@@ -31,7 +33,7 @@ synchronization. The adaptive rule costs, per step, one fused norm over the grad
 synchronization: :meth:`SAMSchedule.sam_step` reads the decision to choose the Python branch, so
 on a GPU the host waits for the previous step to finish before queueing the next one.
 
-Usage in a training loop (an ``aace.SAM`` optimizer ``opt``)::
+Usage in a training loop (an ``aace.SAM`` optimizer ``opt``):
 
     schedule = SAMSchedule(every=2)          # or start_step=..., or adaptive=0.0
     for x, y in loader:
@@ -67,8 +69,19 @@ PLAIN, SAM_KIND = 0, 1
 
 
 def squared_grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """``sum_p ||p.grad||^2`` over the parameters with a gradient, a 0-dim float32 tensor on the
-    first gradient's device (one fused norm per device and dtype, no host sync)."""
+    """``sum_p ||p.grad||^2`` over the parameters with a gradient: the statistic
+    :meth:`SAMSchedule.observe` takes for the adaptive rule.
+
+    Args:
+        params: parameters (e.g. ``model.parameters()``); those without ``.grad`` are skipped.
+
+    Returns:
+        A 0-dim float32 tensor on the first gradient's device (one fused norm per device and
+        dtype, no host synchronization).
+
+    Raises:
+        ValueError: no parameter has a gradient.
+    """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         raise ValueError("squared_grad_norm: no parameter has a gradient; call backward() first")
@@ -98,6 +111,10 @@ class SAMSchedule:
 
     Call :meth:`sam_step` once per step (it advances the counter) and, with the adaptive rule,
     :meth:`observe` once per step that was not skipped, after the first backward pass.
+
+    Raises:
+        ValueError: ``every`` < 1, ``start_step`` < 0, ``adaptive`` not finite or combined with
+            ``every``/``start_step``, or ``decay`` outside [0, 1).
     """
 
     def __init__(

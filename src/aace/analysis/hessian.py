@@ -1,7 +1,7 @@
 """Hessian-vector products, the top Hessian eigenvalues (Lanczos) and the trace (Hutchinson).
 
 H is the Hessian of L(w) = (1/N) sum_b n_b loss_fn(model(x_b), y_b) with respect to the model's
-parameters that have ``requires_grad`` (see :mod:`aace.analysis._objective`). H is never formed:
+parameters that have ``requires_grad``, as everywhere in :mod:`aace.analysis`. H is never formed:
 everything is built on Hessian-vector products (Pearlmutter, Neural Computation 1994)
 
     H v = d/dw (grad L(w) . v),
@@ -102,8 +102,27 @@ def _hvp(objective: Objective, vector: torch.Tensor) -> torch.Tensor:
 def hessian_vector_product(
     model: nn.Module, loss_fn: LossFn, batches: Batches, vector: torch.Tensor
 ) -> torch.Tensor:
-    """H v for a flat ``vector`` (length: the number of analysed parameters, in the order of
-    ``model.parameters()``); returns a flat tensor of the same length."""
+    """The Hessian-vector product H v of the mean loss over ``batches``, by double backward
+    (Pearlmutter, Neural Computation 1994).
+
+    Args:
+        model: the network; its parameters with ``requires_grad`` are the analysed w, and its
+            mode (train/eval) is used as found.
+        loss_fn: ``loss_fn(model(x), y)``, the mean loss of a batch (e.g.
+            ``torch.nn.functional.cross_entropy``).
+        batches: a re-iterable of ``(x, y)`` (a list, a ``DataLoader``); the objective is the
+            sample-weighted mean loss over all of them.
+        vector: a 1-D tensor of length n, the number of analysed parameter entries, in the
+            order of ``model.parameters()`` (``torch.cat([p.flatten() for p in params])``).
+
+    Returns:
+        H v, a 1-D tensor of length n in the parameters' dtype and device.
+
+    Raises:
+        ValueError: ``model`` is not a module or has no trainable floating-point parameter,
+            ``loss_fn`` is not callable or ``batches`` holds no sample, or ``vector`` is not
+            1-D of length n.
+    """
     objective = Objective(model, loss_fn, batches)
     if vector.dim() != 1 or vector.numel() != objective.numel:
         raise ValueError(
@@ -121,9 +140,15 @@ def hessian_vector_product(
 class HessianEigen:
     """Result of :func:`hessian_eigen`.
 
-    ``eigenvalues``: the k largest (algebraic) eigenvalues, descending. ``residuals``: the
-    Lanczos residual norms ||H u - theta u|| of their Ritz pairs (each eigenvalue is within its
-    residual of a true eigenvalue). ``iterations``: Hessian-vector products spent.
+    Attributes:
+        eigenvalues: the k largest (algebraic) eigenvalues, descending (units of the loss per
+            squared parameter unit).
+        residuals: the Lanczos residual norms ||H u - theta u|| of their Ritz pairs, in the same
+            order; each eigenvalue is within its residual of a true eigenvalue.
+        iterations: Hessian-vector products spent.
+        converged: whether every residual met the tolerance before ``max_iter``.
+        eigenvectors: the Ritz vectors u, shape (k, n), unit norm, in the order of
+            ``eigenvalues``; n and the entry order as in :func:`hessian_vector_product`.
     """
 
     eigenvalues: list[float]
@@ -264,6 +289,17 @@ def hessian_eigen(
         max_iter: at most this many Hessian-vector products.
         tol: relative residual tolerance, as above.
         seed: seed of the random start vector (drawn on the CPU, so CPU and CUDA agree).
+
+    Returns:
+        The eigenvalues with their residuals, the number of products and the Ritz vectors.
+
+    Raises:
+        ValueError: ``model`` is not a module or has no trainable floating-point parameter,
+            ``loss_fn`` is not callable or ``batches`` holds no sample, or ``k``, ``max_iter``
+            or ``tol`` is out of range (``k`` above n, ``max_iter`` below ``k``).
+
+    Warns:
+        RuntimeWarning: ``max_iter`` products were spent before the residuals met ``tol``.
     """
     check_positive_int("k", k)
     check_positive_int("max_iter", max_iter)
@@ -302,8 +338,14 @@ def hessian_eigenvalues(
     seed: int = 0,
 ) -> list[float]:
     """The k largest (algebraic) Hessian eigenvalues, descending, as floats: Lanczos with full
-    reorthogonalization. See :func:`hessian_eigen` for the method, the stopping rule and the
-    arguments; it also returns residuals, iteration count and Ritz vectors."""
+    reorthogonalization (Golub & Van Loan, Matrix Computations, Sec. 10.1).
+
+    :func:`hessian_eigen` documents the method, the stopping rule, the arguments and the errors;
+    it also returns the residuals, the iteration count and the Ritz vectors.
+
+    Returns:
+        A list of k floats, descending.
+    """
     return hessian_eigen(
         model, loss_fn, batches, k, max_iter=max_iter, tol=tol, seed=seed
     ).eigenvalues
@@ -314,8 +356,14 @@ def hessian_eigenvalues(
 
 @dataclass
 class TraceEstimate:
-    """Hutchinson's estimate of tr(H): the mean of ``samples`` quadratic forms v^T H v, and its
-    standard error std(v^T H v) / sqrt(samples)."""
+    """Hutchinson's estimate of tr(H), from :func:`hessian_trace_estimate`.
+
+    Attributes:
+        trace: the mean of the ``samples`` quadratic forms v^T H v.
+        stderr: their standard error, std(v^T H v) / sqrt(samples).
+        samples: the number of Rademacher probes.
+        quadratic_forms: each probe's v^T H v.
+    """
 
     trace: float
     stderr: float
@@ -345,7 +393,22 @@ def hessian_trace_estimate(
     that graph), so every probe but the first costs only the second backward pass instead of a
     whole Hessian-vector product (``benchmarks/sharpness.py`` measures the difference).
 
-    ``samples`` >= 2 (for the standard error); ``seed`` fixes the probes (drawn on the CPU).
+    Args:
+        model: the network; its parameters with ``requires_grad`` are the analysed w, and its
+            mode (train/eval) is used as found.
+        loss_fn: ``loss_fn(model(x), y)``, the mean loss of a batch (e.g.
+            ``torch.nn.functional.cross_entropy``).
+        batches: a re-iterable of ``(x, y)`` (a list, a ``DataLoader``); the objective is the
+            sample-weighted mean loss over all of them.
+        samples: the number of probes, >= 2 (for the standard error).
+        seed: fixes the probes (drawn on the CPU, so CPU and CUDA agree).
+
+    Returns:
+        The trace, its standard error and every probe's quadratic form.
+
+    Raises:
+        ValueError: ``model`` is not a module or has no trainable floating-point parameter,
+            ``loss_fn`` is not callable or ``batches`` holds no sample, or ``samples`` < 2.
     """
     check_positive_int("samples", samples, minimum=2)
     generator = cpu_generator(seed)
@@ -388,6 +451,7 @@ def hessian_trace(
     samples: int = 100,
     seed: int = 0,
 ) -> float:
-    """tr(H) by Hutchinson's estimator with ``samples`` Rademacher probes; see
-    :func:`hessian_trace_estimate`, which also returns the standard error."""
+    """tr(H) by Hutchinson's estimator (Hutchinson, Commun. Stat. 1990) with ``samples``
+    Rademacher probes, as a float. :func:`hessian_trace_estimate` documents the arguments and
+    errors, and also returns the standard error."""
     return hessian_trace_estimate(model, loss_fn, batches, samples=samples, seed=seed).trace

@@ -48,8 +48,17 @@ __all__ = [
 
 @dataclass
 class Landscape:
-    """``losses[i]`` (1-D) or ``losses[i, j]`` (2-D) is the loss at ``coordinates[0][i]``
-    (and ``coordinates[1][j]``). ``kind``: "interpolation", "random-line" or "random-plane"."""
+    """A loss landscape: losses on a 1-D or 2-D grid of coordinates.
+
+    Attributes:
+        kind: "interpolation", "random-line" or "random-plane".
+        coordinates: one 1-D array per axis: alpha for an interpolation, a (and b) along the
+            random directions, in units of the filter-normalized direction.
+        losses: shape (P,) for a line, (P, Q) for a plane: ``losses[i]`` is the loss at
+            ``coordinates[0][i]``, ``losses[i, j]`` at ``(coordinates[0][i], coordinates[1][j])``.
+        directions: the random directions (one list of per-parameter tensors each); None for an
+            interpolation.
+    """
 
     kind: str
     coordinates: tuple[np.ndarray, ...]
@@ -82,8 +91,18 @@ def _filter_normalized(objective: Objective, generator: torch.Generator) -> list
 
 
 def filter_normalized_direction(model: nn.Module, *, seed: int = 0) -> list[torch.Tensor]:
-    """A filter-normalized random direction (module docstring), one tensor per parameter with
-    ``requires_grad``, in the order of ``model.parameters()``."""
+    """A filter-normalized random direction (Li et al., NeurIPS 2018, Sec. 4; see the module
+    documentation).
+
+    Args:
+        model: the network whose parameters with ``requires_grad`` set the shapes and the
+            filter norms.
+        seed: fixes the draw (made on the CPU, so CPU and CUDA agree).
+
+    Returns:
+        One tensor per parameter with ``requires_grad``, each of that parameter's shape, in the
+        order of ``model.parameters()``; zero for parameters of dimension <= 1.
+    """
     objective = Objective(model, lambda output, target: output, [])  # parameters only
     return _filter_normalized(objective, cpu_generator(seed))
 
@@ -119,7 +138,28 @@ def random_line(
     steps: int = 21,
     seed: int = 0,
 ) -> Landscape:
-    """L(w + a d) for ``steps`` values of a in [-span, span], d filter-normalized."""
+    """L(w + a d) for ``steps`` evenly spaced values of a in [-span, span], d a
+    filter-normalized random direction (Li et al., NeurIPS 2018).
+
+    Args:
+        model: the network; its parameters with ``requires_grad`` are the analysed w, and its
+            mode (train/eval) is used as found.
+        loss_fn: ``loss_fn(model(x), y)``, the mean loss of a batch (e.g.
+            ``torch.nn.functional.cross_entropy``).
+        batches: a re-iterable of ``(x, y)`` (a list, a ``DataLoader``); the objective is the
+            sample-weighted mean loss over all of them.
+        span: the half-width of the line, in units of the direction (> 0).
+        steps: points on the line (>= 2); each costs one pass over ``batches``.
+        seed: fixes the direction.
+
+    Returns:
+        A "random-line" landscape with ``losses`` of shape (steps,).
+
+    Raises:
+        ValueError: ``model`` is not a module or has no trainable floating-point parameter,
+            ``loss_fn`` is not callable or ``batches`` holds no sample, or ``span`` or
+            ``steps`` is out of range.
+    """
     a = _grid("steps", span, steps)
     objective = Objective(model, loss_fn, batches)
     with preserved_state(model):
@@ -138,8 +178,28 @@ def random_plane(
     seed: int = 0,
 ) -> Landscape:
     """L(w + a d_1 + b d_2) on a ``steps`` x ``steps`` grid over [-span, span]^2, d_1 and d_2
-    filter-normalized (drawn in that order from ``seed``). ``losses[i, j]`` is at (a_i, b_j).
-    Costs steps^2 passes over the batches."""
+    independent filter-normalized random directions (Li et al., NeurIPS 2018).
+
+    Args:
+        model: the network; its parameters with ``requires_grad`` are the analysed w, and its
+            mode (train/eval) is used as found.
+        loss_fn: ``loss_fn(model(x), y)``, the mean loss of a batch (e.g.
+            ``torch.nn.functional.cross_entropy``).
+        batches: a re-iterable of ``(x, y)`` (a list, a ``DataLoader``); the objective is the
+            sample-weighted mean loss over all of them.
+        span: the half-width of the grid along each direction (> 0).
+        steps: points per axis (>= 2); the grid costs steps^2 passes over ``batches``.
+        seed: fixes the two directions.
+
+    Returns:
+        A "random-plane" landscape with ``losses`` of shape (steps, steps), ``losses[i, j]`` at
+        (a_i, b_j).
+
+    Raises:
+        ValueError: ``model`` is not a module or has no trainable floating-point parameter,
+            ``loss_fn`` is not callable or ``batches`` holds no sample, or ``span`` or
+            ``steps`` is out of range.
+    """
     a = _grid("steps", span, steps)
     objective = Objective(model, loss_fn, batches)
     with preserved_state(model):
@@ -159,8 +219,30 @@ def interpolation(
     *,
     alphas: Sequence[float] | np.ndarray | None = None,
 ) -> Landscape:
-    """L((1 - alpha) w_model + alpha w_other) for each alpha (default: 21 values in [-0.5, 1.5]).
-    ``other`` is a model of the same architecture or its ``state_dict()``."""
+    """L((1 - alpha) w_model + alpha w_other) for each alpha: the linear interpolation between
+    two models (Goodfellow et al., ICLR 2015), over every floating-point entry of their state
+    dicts (BatchNorm statistics included).
+
+    Args:
+        model: the network; its parameters with ``requires_grad`` are the analysed w, and its
+            mode (train/eval) is used as found.
+        loss_fn: ``loss_fn(model(x), y)``, the mean loss of a batch (e.g.
+            ``torch.nn.functional.cross_entropy``).
+        batches: a re-iterable of ``(x, y)`` (a list, a ``DataLoader``); the objective is the
+            sample-weighted mean loss over all of them.
+        other: a model of the same architecture, or its ``state_dict()``.
+        alphas: the interpolation coefficients (default: 21 values in [-0.5, 1.5]); 0 is
+            ``model``, 1 is ``other``.
+
+    Returns:
+        An "interpolation" landscape with ``losses`` of shape (len(alphas),).
+
+    Raises:
+        ValueError: ``model`` is not a module or has no trainable floating-point parameter,
+            ``loss_fn`` is not callable or ``batches`` holds no sample, ``alphas`` is not
+            a non-empty 1-D sequence of finite numbers, or ``other``'s state dict does not match
+            the model's (missing or unexpected keys, other shapes).
+    """
     alphas = np.linspace(-0.5, 1.5, 21) if alphas is None else np.asarray(alphas, dtype=float)
     if alphas.ndim != 1 or alphas.size == 0 or not np.isfinite(alphas).all():
         raise ValueError(f"alphas must be a non-empty 1-D sequence of finite numbers, got {alphas}")
@@ -202,8 +284,18 @@ def interpolation(
 def plot_landscape(
     landscape: Landscape, path: str | Path, *, title: str | None = None, log: bool = False
 ) -> Path:
-    """A line plot (1-D) or a contour plot with the minimum marked (2-D), written to ``path``;
-    ``log=True`` plots log10 of the loss. Returns the path."""
+    """Draw a landscape with matplotlib: a line plot (1-D) or a contour plot with the minimum
+    marked (2-D).
+
+    Args:
+        landscape: from :func:`interpolation`, :func:`random_line` or :func:`random_plane`.
+        path: the image file to write (its suffix picks the format, e.g. ``.png``).
+        title: the plot's title (default: the landscape's kind).
+        log: plot log10 of the loss.
+
+    Returns:
+        ``path``, as a ``Path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

@@ -42,12 +42,24 @@ from aace.analysis._objective import (
 __all__ = ["NORMS", "SharpnessEstimate", "adaptive_average_sharpness", "adaptive_sharpness"]
 
 NORMS = ("linf", "l2")
+"""The perturbation norms of :func:`adaptive_sharpness`: the ball ||delta / c||_p <= rho with
+p = infinity ("linf", the paper's main measure) or p = 2 ("l2")."""
 
 
 @dataclass
 class SharpnessEstimate:
-    """``sharpness`` = ``perturbed_loss`` - ``loss`` (both sample-weighted means over batches);
-    ``stderr`` is the Monte Carlo standard error of the average sharpness (None for worst-case).
+    """A sharpness measurement, from :func:`adaptive_sharpness` or
+    :func:`adaptive_average_sharpness`.
+
+    Attributes:
+        sharpness: ``perturbed_loss - loss``, in units of the loss.
+        loss: the sample-weighted mean loss over the batches at w.
+        perturbed_loss: the same at the perturbed weights (worst case found, or mean over
+            draws).
+        stderr: the Monte Carlo standard error of the average sharpness; None for worst-case.
+        rho: the radius, relative to |w| when ``adaptive``.
+        norm: "linf" or "l2" (the Gaussian average is reported as "l2").
+        adaptive: whether the radius scales with |w| (c = |w|) or not (c = 1).
     """
 
     sharpness: float
@@ -88,9 +100,30 @@ def adaptive_sharpness(
     adaptive: bool = True,
     steps: int = 20,
 ) -> SharpnessEstimate:
-    """Adaptive worst-case m-sharpness S_max (module docstring), by ``steps`` gradient
-    evaluations per batch (plus one forward pass). ``norm``: "linf" (the paper's main measure)
-    or "l2". Deterministic (the ascent starts at gamma = 0)."""
+    """Adaptive worst-case m-sharpness S_max (Andriushchenko et al., ICML 2023, Eq. 1; see the
+    module documentation), by projected gradient ascent. Deterministic (the ascent starts at
+    gamma = 0); the result is a lower bound on the true maximum.
+
+    Args:
+        model: the network; its parameters with ``requires_grad`` are the analysed w, and its
+            mode (train/eval) is used as found.
+        loss_fn: ``loss_fn(model(x), y)``, the mean loss of a batch (e.g.
+            ``torch.nn.functional.cross_entropy``).
+        batches: a re-iterable of ``(x, y)`` (a list, a ``DataLoader``); the objective is the
+            sample-weighted mean loss over all of them.
+        rho: the radius, > 0 (relative to |w| when ``adaptive``; ``aace sharpness`` uses 0.001).
+        norm: "linf" (the paper's main measure) or "l2".
+        adaptive: c = |w| (True) or c = 1 (False).
+        steps: gradient evaluations per batch (plus one forward pass).
+
+    Returns:
+        The sharpness with the losses at w and at the worst perturbation found.
+
+    Raises:
+        ValueError: ``model`` is not a module or has no trainable floating-point parameter,
+            ``loss_fn`` is not callable or ``batches`` holds no sample, or ``rho``,
+            ``norm``, ``adaptive`` or ``steps`` is out of range.
+    """
     rho = _check(rho, norm, adaptive)
     check_positive_int("steps", steps)
     objective = Objective(model, loss_fn, batches)
@@ -149,10 +182,32 @@ def adaptive_average_sharpness(
     adaptive: bool = True,
     seed: int = 0,
 ) -> SharpnessEstimate:
-    """Adaptive average m-sharpness S_avg (module docstring): ``samples`` Gaussian perturbations
-    delta = rho * c * z, z ~ N(0, I), per batch. The standard error is over the ``samples``
-    draws of the whole-data average (each draw perturbs every batch independently), so
-    ``samples`` >= 2. ``seed`` fixes the draws (made on the CPU, so CPU and CUDA agree)."""
+    """Adaptive average m-sharpness S_avg (Andriushchenko et al., ICML 2023, Eq. 2; see the
+    module documentation): ``samples`` Gaussian perturbations delta = rho * c * z,
+    z ~ N(0, I), per batch.
+
+    Args:
+        model: the network; its parameters with ``requires_grad`` are the analysed w, and its
+            mode (train/eval) is used as found.
+        loss_fn: ``loss_fn(model(x), y)``, the mean loss of a batch (e.g.
+            ``torch.nn.functional.cross_entropy``).
+        batches: a re-iterable of ``(x, y)`` (a list, a ``DataLoader``); the objective is the
+            sample-weighted mean loss over all of them.
+        rho: the standard deviation of the perturbation, > 0 (relative to |w| when
+            ``adaptive``; ``aace sharpness`` uses 0.1).
+        samples: draws, >= 2; the standard error is over the draws of the whole-data average
+            (each draw perturbs every batch independently).
+        adaptive: c = |w| (True) or c = 1 (False).
+        seed: fixes the draws (made on the CPU, so CPU and CUDA agree).
+
+    Returns:
+        The sharpness with its standard error and the losses at w and perturbed.
+
+    Raises:
+        ValueError: ``model`` is not a module or has no trainable floating-point parameter,
+            ``loss_fn`` is not callable or ``batches`` holds no sample, or ``rho``,
+            ``samples`` or ``adaptive`` is out of range.
+    """
     rho = _check(rho, "l2", adaptive)
     check_positive_int("samples", samples, minimum=2)
     generator = cpu_generator(seed)

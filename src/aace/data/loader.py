@@ -108,13 +108,15 @@ class BatchLoader:
         clean_labels: optional integer tensor ``(N,)``: the true labels when ``labels`` are
             corrupted (label-noise runs); batches then carry them as a third element.
         batch_size: samples per batch (per rank).
-        mean, std: per-channel normalisation constants (length ``C``) applied to ``x / 255``.
+        mean: per-channel normalisation mean (length ``C``), subtracted from ``x / 255``.
+        std: per-channel normalisation standard deviation (length ``C``), dividing the result.
         train: shuffle + augment (True) or sequential, unaugmented evaluation (False).
         crop_padding: zero padding of the random crop (0 disables it). Train only.
         hflip: random horizontal flips with probability 0.5. Train only.
         cutout: Cutout square side (0 disables it). Train only.
         seed: base seed (>= 0); see the module docstring for how randomness is derived.
-        rank, world_size: this process's shard (``0 <= rank < world_size``).
+        rank: this process's shard, ``0 <= rank < world_size``.
+        world_size: the number of shards (processes).
         drop_last: drop the last incomplete batch; defaults to True for training, False for
             evaluation. Training ranks always have equal sample counts, so they run the same
             number of steps either way.

@@ -34,6 +34,10 @@ def symmetric_label_noise(
 
     Returns:
         int64 tensor ``(n,)`` on ``labels.device``.
+
+    Raises:
+        ValueError: ``labels`` is not a 1-D integer tensor, or a label is outside
+            ``[0, num_classes)``, or ``rate``, ``num_classes`` or ``seed`` is out of range.
     """
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__

@@ -56,11 +56,19 @@ pl = require("lightning.pytorch", "lightning", "aace.integrations.lightning", pa
 __all__ = ["PERTURBATION_SYNCS", "SAMModule", "SAMStepOutput", "sam_step"]
 
 PERTURBATION_SYNCS = ("local", "global")
+"""The values of ``perturbation_sync``: each process perturbs with its own gradient ("local",
+the m-sharpness setting of Foret et al., ICLR 2021) or with the all-reduced one ("global")."""
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class SAMStepOutput(NamedTuple):
-    """What one SAM step computed, all detached."""
+    """What one SAM step computed, all detached.
+
+    Attributes:
+        logits: ``(N, C)``, of the perturbation pass, at the unperturbed weights w.
+        perturbation_loss: 0-dim, the perturbation loss at w.
+        update_loss: 0-dim, the loss at w + e whose gradient made the update.
+    """
 
     logits: torch.Tensor  # of the perturbation pass, at the unperturbed weights w
     perturbation_loss: torch.Tensor  # at w
@@ -109,7 +117,9 @@ def sam_step(
 
     Args:
         module: the LightningModule (``automatic_optimization = False``); ``module(x)`` gives
-            the logits.
+            the logits, shape ``(N, C)``.
+        x: the batch's inputs (first dimension N).
+        y: the batch's targets, what both losses take as their second argument.
         perturbation_loss: the loss of the first pass: ``aace_loss`` for the ``"aace"`` rules,
             the update loss for ``"sam"``. Its gradient is what SAM's rule turns into e.
         update_loss: the loss at w + e whose gradient updates w (e.g. label-smoothed CE:
@@ -118,6 +128,15 @@ def sam_step(
             or ``"global"`` (the perturbation gradient is all-reduced first).
         optimizer: the ``LightningOptimizer`` wrapping :class:`~aace.sam.SAM`; by default
             ``module.optimizers()``.
+
+    Returns:
+        The logits and both losses, detached.
+
+    Raises:
+        ValueError: ``perturbation_sync`` is unknown; the module uses automatic optimization;
+            ``configure_optimizers`` returned several optimizers and none was passed, or the
+            optimizer is not an ``aace.SAM``; the trainer's precision uses a float16
+            ``GradScaler`` (use ``"bf16-mixed"``).
     """
     if perturbation_sync not in PERTURBATION_SYNCS:
         raise ValueError(

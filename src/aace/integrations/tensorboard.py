@@ -29,6 +29,7 @@ from aace.integrations import require
 __all__ = ["TENSORBOARD_DIR", "TensorBoardLog"]
 
 TENSORBOARD_DIR = "tensorboard"
+"""The folder of a run directory that holds the TensorBoard events (``epochs/``, ``steps/``)."""
 STEP_LOSS_TAG = "step/train_loss"
 
 
@@ -38,8 +39,14 @@ class TensorBoardLog:
     Args:
         out: the run directory; events go to ``out/tensorboard/{epochs,steps}``.
         log_every: write the training loss every this many steps.
-        epochs_done, steps_done: the position of the checkpoint the run starts from (0, 0 for a
-            fresh run); later events from an earlier attempt are purged.
+        epochs_done: the epochs finished in the checkpoint the run starts from (0 for a fresh
+            run); epoch events an earlier attempt wrote after it are purged.
+        steps_done: the training steps finished in that checkpoint (0 for a fresh run); step
+            events an earlier attempt wrote after it are purged.
+
+    Raises:
+        MissingExtraError: the ``tensorboard`` package is not installed.
+        ValueError: ``log_every`` is not an integer >= 1.
     """
 
     def __init__(self, out: Path, log_every: int, epochs_done: int = 0, steps_done: int = 0):

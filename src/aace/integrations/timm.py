@@ -23,6 +23,7 @@ from aace.integrations import require
 __all__ = ["PREFIX", "create_timm_model"]
 
 PREFIX = "timm:"
+"""A model name that starts with this (``timm:resnet18``) is built by timm."""
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -73,10 +74,27 @@ def create_timm_model(
     image_size: tuple[int, int] | int | None = None,
     pretrained: bool = False,
 ) -> nn.Module:
-    """``timm.create_model(name)`` for a dataset: ``num_classes`` logits, ``in_channels`` input
-    channels, dropout before the classifier (timm's ``drop_rate``), and ``img_size`` for
-    architectures with a fixed input size. ``name`` may carry timm's pretrained tag
-    (``vit_tiny_patch16_224.augreg_in21k``)."""
+    """``timm.create_model(name)`` for a dataset.
+
+    Args:
+        name: a timm architecture (without the ``timm:`` prefix); it may carry timm's
+            pretrained tag (``vit_tiny_patch16_224.augreg_in21k``).
+        num_classes: the number of logits.
+        in_channels: input channels (1 for grey images, 3 for RGB).
+        dropout: dropout probability before the classifier (timm's ``drop_rate``).
+        image_size: the dataset's image size in pixels (an int or (height, width)); passed as
+            ``img_size`` to architectures with a fixed input size (vision transformers).
+        pretrained: load the pretrained weights, from the local cache only.
+
+    Returns:
+        The model; it maps ``(N, in_channels, H, W)`` images to ``(N, num_classes)`` logits.
+
+    Raises:
+        MissingExtraError: timm is not installed (``pip install 'aace[timm]'``).
+        ValueError: an unknown name (with close ones suggested), ``pretrained`` for an
+            architecture without weights or without them in the local cache, or a
+            configuration timm cannot build.
+    """
     timm = _timm()
     if not timm.is_model(name):
         raise _unknown(name, timm)
