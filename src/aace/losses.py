@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 AACE_MODES = ("ada", "rand", "const")
+"""The ways :func:`aace_loss` spreads the adversarial target over the wrong classes (``mode``)."""
 REDUCTIONS = ("none", "mean", "sum")
 # BiSAM's lower bounds phi of the 0-1 step, and the temperature mu each uses when none is given
 # (see bisam_loss for where these come from).

@@ -4,18 +4,18 @@ Sharpness-Aware Minimization (Foret et al., ICLR 2021) takes two gradients per s
 g, taken at w, defines a perturbation e; the second is taken at w + e and fed to a base
 optimizer, which updates w. The perturbation rules:
 
-    "sam"               e =  rho * T^2 g / (||T g|| + eps),   g = grad of cross-entropy
-    "aace"              e = -rho * T^2 g,                      g = grad of AACE (no normalization,
-                                                               Ratchatorn & Tanaka, ICIP 2024)
-    "aace-normalized"   e = -rho * T^2 g / (||T g|| + eps),   g = grad of AACE
+    "sam"               e =  rho T^2 g / (||T g|| + eps),   g = grad CE
+    "aace"              e = -rho T^2 g,                     g = grad AACE
+    "aace-normalized"   e = -rho T^2 g / (||T g|| + eps),   g = grad AACE
 
-T is the identity, or with ``adaptive=True`` ASAM's normalization operator (Kwon et al., ICML
-2021, Sec. 3 and their code SamsungLabs/ASAM): T = diag(|w| + eta) on weight tensors (ndim > 1:
-convolution kernels, linear and embedding matrices) and T = 1 on the others (biases and
-normalization parameters). The norm is the global L2 norm over every perturbed parameter: those
-with a gradient in groups with rho > 0. AACE's perturbation descends its loss, because AACE is
-minimized by moving probability away from the true class; that is why its sign is the opposite
-of SAM's.
+CE is the cross-entropy, AACE the perturbation loss of Ratchatorn & Tanaka (ICIP 2024), whose
+rule perturbs without normalization. T is the identity, or with ``adaptive=True`` ASAM's
+normalization operator (Kwon et al., ICML 2021, Sec. 3, and their code SamsungLabs/ASAM):
+T = diag(|w| + eta) on weight tensors (ndim > 1: convolution kernels, linear and embedding
+matrices) and T = 1 on the others (biases and normalization parameters). The norm is the global
+L2 norm over every perturbed parameter: those with a gradient in groups with rho > 0. AACE's
+perturbation descends its loss, because AACE is minimized by moving probability away from the
+true class; that is why its sign is the opposite of SAM's.
 
 Which loss produced g is the caller's choice: this optimizer only reads ``.grad``.
 """
@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 __all__ = ["PERTURBATIONS", "SAM"]
 
 PERTURBATIONS = ("sam", "aace", "aace-normalized")
+"""The perturbation rules of :class:`SAM`, the values of its ``perturbation`` argument."""
 _NORMALIZED = {"sam": True, "aace": False, "aace-normalized": True}
 _SIGN = {"sam": 1.0, "aace": -1.0, "aace-normalized": -1.0}
 _FOREACH_DEVICES = ("cpu", "cuda", "mps", "xpu")
