@@ -358,6 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_args_after_dashes(command: str, argv: list[str]) -> argparse.Namespace | int:
+    """The ``aace train`` flags given after ``--`` to ``aace sweep`` or ``aace tune``, parsed;
+    or the exit status when parsing ended (a usage error, reported in one line, or --help)."""
+    if _rank_count() > 1:
+        raise ConfigError(f"aace {command} starts its own processes; run it without torchrun")
+    train_parser = _Parser(prog="aace train")
+    _train_arguments(train_parser)
+    try:
+        return train_parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+
+
 # The sweep sets these itself; after -- they would be ambiguous.
 _SWEEP_OWNED = ("optimizer", "rho", "seed", "out", "resume", "label_noise")
 
@@ -366,14 +379,9 @@ def _sweep(args: argparse.Namespace) -> int:
     from aace.report import run_label
     from aace.training import sweep
 
-    if _rank_count() > 1:
-        raise ConfigError("aace sweep starts its own processes; run it without torchrun")
-    train_parser = _Parser(prog="aace train")
-    _train_arguments(train_parser)
-    try:
-        train_args = train_parser.parse_args(args.train_args)
-    except SystemExit as exit_:  # a usage error, already reported in one line, or --help
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    train_args = _train_args_after_dashes("sweep", args.train_args)
+    if isinstance(train_args, int):
+        return train_args
     for name in _SWEEP_OWNED:
         if getattr(train_args, name) not in (None, False):
             flag = "--" + name.replace("_", "-")
@@ -417,14 +425,9 @@ _TUNE_SEARCHABLE = ("rho", "lr", "weight_decay", "label_smoothing")
 def _tune(args: argparse.Namespace) -> int:
     from aace.training import tune
 
-    if _rank_count() > 1:
-        raise ConfigError("aace tune starts its own processes; run it without torchrun")
-    train_parser = _Parser(prog="aace train")
-    _train_arguments(train_parser)
-    try:
-        train_args = train_parser.parse_args(args.train_args)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    train_args = _train_args_after_dashes("tune", args.train_args)
+    if isinstance(train_args, int):
+        return train_args
     for name in _TUNE_OWNED + _TUNE_SEARCHABLE:
         given = getattr(train_args, name)
         if given in (None, False):
