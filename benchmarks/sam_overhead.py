@@ -15,6 +15,9 @@ optimizer's own bookkeeping is as large a share of the step as it gets (a 14-lay
   ``first_step(zero_grad=True)``, cross-entropy forward-backward under
   ``frozen_batchnorm_stats``, ``second_step(zero_grad=True)``; the statistics off (``aace.SAM``'s
   default), and with ``--track-stats`` a second variant with them on, as ``aace train`` runs it.
+* ``--shared-model``: every variant steps the same model object, so all variants compute on the
+  same weights; without it each variant has its own copy, whose weights (and so, on a CPU,
+  possibly its speed: subnormal numbers) follow that variant's own trajectory.
 * ``LoopSAM``: the same passes with ``benchmarks/sam_step.py``'s ``LoopSAM``, the per-parameter
   loop of the widely copied reference code (clone every parameter, ``p.data`` swapped back).
 
@@ -58,18 +61,20 @@ def sam_step(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> No
     opt.second_step(zero_grad=True)
 
 
-def build(track_stats: bool) -> dict[str, tuple[nn.Module, Any, Callable[..., None]]]:
+def build(
+    track_stats: bool, shared_model: bool
+) -> dict[str, tuple[nn.Module, Any, Callable[..., None]]]:
     torch.manual_seed(0)
     base = cnn13(convolutions=CONVOLUTIONS).train()
     variants: dict[str, tuple[nn.Module, Any, Callable[..., None]]] = {}
 
-    model = copy.deepcopy(base)
+    model = base if shared_model else copy.deepcopy(base)
     variants["SGD x2"] = (model, torch.optim.SGD(model.parameters(), **SGD_KWARGS), sgd_twice)
-    model = copy.deepcopy(base)
+    model = base if shared_model else copy.deepcopy(base)
     opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, perturbation="aace", **SGD_KWARGS)
     variants["SAM+AACE"] = (model, opt, sam_step)
     if track_stats:
-        model = copy.deepcopy(base)
+        model = base if shared_model else copy.deepcopy(base)
         opt = SAM(
             model.parameters(),
             torch.optim.SGD,
@@ -79,7 +84,7 @@ def build(track_stats: bool) -> dict[str, tuple[nn.Module, Any, Callable[..., No
             **SGD_KWARGS,
         )
         variants["SAM+AACE (stats)"] = (model, opt, sam_step)
-    model = copy.deepcopy(base)
+    model = base if shared_model else copy.deepcopy(base)
     variants["LoopSAM"] = (
         model,
         LoopSAM(model.parameters(), torch.optim.SGD, rho=RHO, **SGD_KWARGS),
@@ -110,6 +115,13 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="also time SAM+AACE with its statistics on, as aace train runs it",
     )
+    parser.add_argument(
+        "--shared-model",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="every variant steps one and the same model (the same weights at every step), "
+        "instead of a copy of its own whose weights follow that variant's trajectory",
+    )
     _common.add_common_arguments(parser, repeats=15, warmup=3)
     args = parser.parse_args(argv)
     if args.threads is None:
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     device = _common.setup(parser, args)
     if device.type != "cpu":
         parser.error("this harness times the CPU step; got --device " + args.device)
-    variants = build(args.track_stats)
+    variants = build(args.track_stats, args.shared_model)
     names = list(variants)
     sam_names = [n for n in names if n.startswith("SAM")]
     references = ["SGD x2", "LoopSAM"]
@@ -172,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             size=SIZE,
             convolutions=CONVOLUTIONS,
             threads=torch.get_num_threads(),
+            shared_model=args.shared_model,
         ),
         extra={"ratios": ratios, "summary": summary},
         notes=notes,
