@@ -62,11 +62,17 @@ SETTINGS: dict[str, dict[str, Any]] = {
         dataset="digits", model="wrn16_1", epochs=100, label_noise=0.4, extra=["--augment"]
     ),
     "cifar2k-clean": dict(
-        dataset="cifar10_2k", model="wrn10_1", epochs=30, label_noise=0.0,
+        dataset="cifar10_2k",
+        model="wrn10_1",
+        epochs=30,
+        label_noise=0.0,
         extra=["--no-augment", "--compile"],
     ),  # fmt: skip
     "cifar2k-noise40": dict(
-        dataset="cifar10_2k", model="wrn10_1", epochs=30, label_noise=0.4,
+        dataset="cifar10_2k",
+        model="wrn10_1",
+        epochs=30,
+        label_noise=0.4,
         extra=["--no-augment", "--compile"],
     ),  # fmt: skip
 }
@@ -301,9 +307,7 @@ def report(args: argparse.Namespace) -> str:
         )
     }  # fmt: skip
     missing = [rule for rule in args.rules if rule not in by_rule]
-    incomplete = [
-        e["rule"] for e in entries if len(e["test_acc_at_selected"]) < args.final_seeds
-    ]
+    incomplete = [e["rule"] for e in entries if len(e["test_acc_at_selected"]) < args.final_seeds]
     recipe = SETTINGS[args.setting]
     png = plot(args, entries)
     status = (
@@ -311,7 +315,10 @@ def report(args: argparse.Namespace) -> str:
         if not missing and not incomplete
         else "**Unfinished.** "
         + (f"No report yet from: {', '.join(missing)}. " if missing else "")
-        + (f"Fewer than {args.final_seeds} final seeds: {', '.join(incomplete)}. " if incomplete else "")
+        + (
+            f"Fewer than {args.final_seeds} final seeds: {', '.join(incomplete)}. "
+            * bool(incomplete)
+        )
         + "The figures below are partial."
     )
     text = (
@@ -325,10 +332,19 @@ def report(args: argparse.Namespace) -> str:
         "### Test accuracy at the validation-selected epoch of the final runs\n\n"
         + markdown_table(
             [
-                "rule", "rho range (log)", "chosen rho", "place in range (0 low, 1 high)",
-                "search: best val acc (%)", "test acc (%) mean ± sd", "95 % interval", "n",
-                "Δ vs SAM (pp, Welch p)", "Δ vs SGD (pp, Welch p)",
-                "effective radius ‖e‖", "cos(e_t, e_t-1)", "grad norm",
+                "rule",
+                "rho range (log)",
+                "chosen rho",
+                "place in range (0 low, 1 high)",
+                "search: best val acc (%)",
+                "test acc (%) mean ± sd",
+                "95 % interval",
+                "n",
+                "Δ vs SAM (pp, Welch p)",
+                "Δ vs SGD (pp, Welch p)",
+                "effective radius ‖e‖",
+                "cos(e_t, e_t-1)",
+                "grad norm",
             ],
             table_rows,
         )  # fmt: skip
@@ -341,9 +357,17 @@ def report(args: argparse.Namespace) -> str:
         "### Compute\n\n"
         + markdown_table(
             [
-                "rule", "search trials", "search epochs", "trials × epochs (no pruning)",
-                "pruning saved", "final-run epochs", "search CPU h", "final CPU h",
-                "wall clock h", "host (CPU)", "cores",
+                "rule",
+                "search trials",
+                "search epochs",
+                "trials × epochs (no pruning)",
+                "pruning saved",
+                "final-run epochs",
+                "search CPU h",
+                "final CPU h",
+                "wall clock h",
+                "host (CPU)",
+                "cores",
             ],
             compute_rows,
         )  # fmt: skip
