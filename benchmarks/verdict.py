@@ -387,11 +387,16 @@ def report(args: argparse.Namespace) -> str:
         "with one torch thread per listed core, so core-hours; wall clock: the `aace tune` "
         "commands as timed by this script (`verdict-sessions.jsonl`), which adds start-up and "
         "report time. A pruned or resumed run counts the epochs it trained.\n\n"
-        f"![validation accuracy against rho]({png.name})\n"
     )
     commands = [shlex.join(tune_command(args, rule)) for rule in args.rules]
-    text += "\n### Commands (one per rule; rerun to resume)\n\n" + "\n".join(
+    text += "### Commands (one per rule; rerun to resume)\n\n" + "\n".join(
         f"    {command}" for command in commands
+    )
+    # The section the docs include (pymdownx.snippets: "verdict-<setting>.md:verdict"); the
+    # plot's link is relative to this folder, so it stays outside.
+    text = (
+        f"<!-- --8<-- [start:verdict] -->\n{text}\n<!-- --8<-- [end:verdict] -->\n\n"
+        f"![validation accuracy against rho]({png.name})"
     )
     return write_results(
         args.name,
