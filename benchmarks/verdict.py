@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shlex
 import socket
 import statistics
@@ -132,10 +133,14 @@ def run_rule(args: argparse.Namespace, rule: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"[verdict {args.setting}/{rule}] {shlex.join(command)}", flush=True)
     start_wall, start = datetime.now(timezone.utc), time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     code = subprocess.call([sys.executable, "-m", "aace", *command[1:]])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     record = {
         "start": start_wall.isoformat(timespec="seconds"),
         "wall_seconds": time.perf_counter() - start,
+        # user + system time of aace tune and its workers (all reaped descendants)
+        "cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
         "exit_status": code,
         "host": socket.gethostname(),
         "cpu_model": _cpu_model(),
@@ -234,6 +239,10 @@ def collect(args: argparse.Namespace, rule: str) -> dict[str, Any] | None:
             "final_epochs": sum(len(r) for r in final_rows),
             "final_seconds": sum(row.get("seconds") or 0.0 for r in final_rows for row in r),
             "wall_seconds": sum(s["wall_seconds"] for s in session_records),
+            # None when a session predates the measurement
+            "cpu_seconds": sum(s["cpu_seconds"] for s in session_records)
+            if all("cpu_seconds" in s for s in session_records)
+            else None,
             "sessions": session_records,
         },
     }
@@ -287,14 +296,19 @@ def report(args: argparse.Namespace) -> str:
         )  # fmt: skip
         c = e["compute"]
         saving = 1 - c["search_epochs"] / c["search_epochs_unpruned"]
+        per_epoch = c["search_seconds"] / c["search_epochs"] if c["search_epochs"] else 0.0
+        saved_hours = (c["search_epochs_unpruned"] - c["search_epochs"]) * per_epoch / 3600
         cores = sorted({tuple(s["cores"] or ()) for s in c["sessions"]})
         hosts = sorted({f"{s['host']} ({s['cpu_model']})" for s in c["sessions"]})
         compute_rows.append(
             [
                 e["rule"], " / ".join(f"{v} {k}" for k, v in e["trial_states"].items()),
-                c["search_epochs"], c["search_epochs_unpruned"], f"{100 * saving:.0f} %",
+                c["search_epochs"], c["search_epochs_unpruned"],
+                f"{100 * saving:.0f} % (≈ {saved_hours:.2f} core-h)",
                 c["final_epochs"], f"{c['search_seconds'] / 3600:.2f}",
-                f"{c['final_seconds'] / 3600:.2f}", f"{c['wall_seconds'] / 3600:.2f}",
+                f"{c['final_seconds'] / 3600:.2f}",
+                "–" if c["cpu_seconds"] is None else f"{c['cpu_seconds'] / 3600:.2f}",
+                f"{c['wall_seconds'] / 3600:.2f}",
                 "; ".join(hosts) or "–",
                 "; ".join(",".join(map(str, cs)) for cs in cores) or "–",
             ]
@@ -363,8 +377,9 @@ def report(args: argparse.Namespace) -> str:
                 "trials × epochs (no pruning)",
                 "pruning saved",
                 "final-run epochs",
-                "search CPU h",
-                "final CPU h",
+                "search core-h",
+                "final core-h",
+                "measured CPU h",
                 "wall clock h",
                 "host (CPU)",
                 "cores",
@@ -382,11 +397,15 @@ def report(args: argparse.Namespace) -> str:
         + f"), {total['final_epochs']} final-run epochs; "
         f"{(total['search_seconds'] + total['final_seconds']) / 3600:.2f} CPU hours of training "
         f"(search {total['search_seconds'] / 3600:.2f}, final {total['final_seconds'] / 3600:.2f})"
-        f", {total['wall_seconds'] / 3600:.2f} hours of wall clock. CPU hours: the sum of the "
-        "epochs' `seconds` (training and evaluation of the epoch) over the runs, one worker "
-        "with one torch thread per listed core, so core-hours; wall clock: the `aace tune` "
-        "commands as timed by this script (`verdict-sessions.jsonl`), which adds start-up and "
-        "report time. A pruned or resumed run counts the epochs it trained.\n\n"
+        f", {total['wall_seconds'] / 3600:.2f} hours of wall clock. Core-hours: the sum of the "
+        "epochs' `seconds` (the wall time of each epoch's training and evaluation) over the "
+        "runs, one worker with one torch thread on one pinned core, so on a core shared with "
+        "other work they include time it served that work; pruning's saving in core-hours is "
+        "the epochs it skipped times the rule's mean seconds per search epoch. Measured CPU: "
+        "user + system time of the `aace tune` process and its workers (`getrusage`; – where a "
+        "session predates that measurement). Wall clock: the `aace tune` commands as timed by "
+        "this script (`verdict-sessions.jsonl`), start-up and reports included. A pruned or "
+        "resumed run counts the epochs it trained.\n\n"
     )
     commands = [shlex.join(tune_command(args, rule)) for rule in args.rules]
     text += "### Commands (one per rule; rerun to resume)\n\n" + "\n".join(
