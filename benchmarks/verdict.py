@@ -395,7 +395,7 @@ def report(args: argparse.Namespace) -> str:
             else "–"
         )
         + f"), {total['final_epochs']} final-run epochs; "
-        f"{(total['search_seconds'] + total['final_seconds']) / 3600:.2f} CPU hours of training "
+        f"{(total['search_seconds'] + total['final_seconds']) / 3600:.2f} core-hours of training "
         f"(search {total['search_seconds'] / 3600:.2f}, final {total['final_seconds'] / 3600:.2f})"
         f", {total['wall_seconds'] / 3600:.2f} hours of wall clock. Core-hours: the sum of the "
         "epochs' `seconds` (the wall time of each epoch's training and evaluation) over the "
