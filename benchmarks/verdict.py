@@ -111,8 +111,9 @@ def tune_command(args: argparse.Namespace, rule: str) -> list[str]:
     after = train_args(args.setting, args.epochs) + ([] if space is None else ["--lr", str(LR)])
     return [
         "aace", "tune", "--out", str(args.runs_dir / rule), "--optimizer", rule, *search,
-        "--val-split", "0.1", "--final-seeds", str(args.final_seeds), "--workers",
-        str(args.workers), "--", *after,
+        "--val-split", "0.1", "--final-seeds", str(args.final_seeds), "--pruner", args.pruner,
+        *(["--min-epochs", str(args.min_epochs)] if args.min_epochs else []),
+        "--workers", str(args.workers), "--", *after,
     ]  # fmt: skip
 
 
@@ -287,7 +288,9 @@ def report(args: argparse.Namespace) -> str:
         )
         table_rows.append(
             [
-                e["rule"], e["range"] or "– (lr 0.05)", chosen, place, _pct(e["best_val_acc"]),
+                e["rule"], e["range"] or "– (lr 0.05)", chosen, place,
+                f"{e['trial_states'].get('complete', 0)} of {sum(e['trial_states'].values())}",
+                _pct(e["best_val_acc"]),
                 f"{_pct(e['mean'])} ± {_pct(sd)}" if tests else "–", percent_interval(tests),
                 len(tests), _versus(tests, sam) if e["rule"] != "sam" else "–",
                 _versus(tests, sgd) if e["rule"] != "sgd" else "–",
@@ -323,6 +326,9 @@ def report(args: argparse.Namespace) -> str:
     missing = [rule for rule in args.rules if rule not in by_rule]
     incomplete = [e["rule"] for e in entries if len(e["test_acc_at_selected"]) < args.final_seeds]
     recipe = SETTINGS[args.setting]
+    pruner = {"asha": "ASHA", "median": "median", "none": "none"}[args.pruner] + (
+        f", first rung {args.min_epochs} epochs" if args.min_epochs else ""
+    )
     png = plot(args, entries)
     status = (
         "Complete: every rule searched and its final seeds trained."
@@ -340,7 +346,7 @@ def report(args: argparse.Namespace) -> str:
         f"{100 * recipe['label_noise']:g} % symmetric label noise, {recipe['model']}, "
         f"{args.epochs} epochs, batch {BATCH_SIZE}, lr {LR} (cosine), "
         f"{' '.join(recipe['extra'])}; 10 % validation split (seed 0); each rule's rho by "
-        f"`aace tune` ({args.trials} TPE trials, log-uniform range, ASHA pruner), then "
+        f"`aace tune` ({args.trials} TPE trials, log-uniform range, pruner {pruner}), then "
         f"{args.final_seeds} final seeds (1..{args.final_seeds}) at the chosen rho.\n\n"
         f"{status}\n\n"
         "### Test accuracy at the validation-selected epoch of the final runs\n\n"
@@ -350,6 +356,7 @@ def report(args: argparse.Namespace) -> str:
                 "rho range (log)",
                 "chosen rho",
                 "place in range (0 low, 1 high)",
+                "complete trials",
                 "search: best val acc (%)",
                 "test acc (%) mean ± sd",
                 "95 % interval",
@@ -365,7 +372,9 @@ def report(args: argparse.Namespace) -> str:
         + "\n\n"
         f"{INTERVAL_NOTE} A chosen rho in the outer tenth of its log range (place < "
         f"{END_SHARE:g} or > {1 - END_SHARE:g}) is marked **at an end**: its range should be "
-        "widened. Effective radius, cosine of consecutive perturbations and gradient norm: "
+        "widened. The chosen rho is the best *complete* trial's (aace tune's rule: a pruned "
+        "trial cannot be chosen), so with one complete trial the search chose nothing. "
+        "Effective radius, cosine of consecutive perturbations and gradient norm: "
         "means over the last third of the epochs of each final run's `metrics.jsonl`, then "
         "over the final runs (per-epoch means of the SAM statistics; none for SGD).\n\n"
         "### Compute\n\n"
@@ -472,7 +481,7 @@ def plot(args: argparse.Namespace, entries: list[dict[str, Any]]) -> Path:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("best val acc of the trial (%)")
-    figure.suptitle(f"{args.name}: validation accuracy against rho (x: pruned by ASHA)")
+    figure.suptitle(f"{args.name}: best validation accuracy of each trial against rho (x: pruned)")
     out = Path(args.out_dir) / f"{args.name}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
@@ -487,6 +496,14 @@ def main() -> int:
         "--rules", default=",".join(RULES), help="comma-separated, of " + ", ".join(RULES)
     )
     parser.add_argument("--workers", type=int, default=1, help="aace tune --workers")
+    parser.add_argument(
+        "--pruner",
+        choices=["asha", "median", "none"],
+        default="asha",
+        help="aace tune --pruner (default asha); another pruner or --min-epochs gets its own "
+        "runs folder runs/verdict-<pruner>[-min<R>]/<setting> and result name",
+    )
+    parser.add_argument("--min-epochs", type=int, help="aace tune --min-epochs (first rung)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--smoke",
@@ -501,16 +518,19 @@ def main() -> int:
     for rule in args.rules:
         if rule not in RULES:
             parser.error(f"--rules: got {rule!r}; expected some of {', '.join(RULES)}")
-    args.name = f"verdict-{args.setting}"
+    # The default search (ASHA from its default first rung) keeps the short names.
+    variant = "" if args.pruner == "asha" and not args.min_epochs else f"-{args.pruner}"
+    variant += f"-min{args.min_epochs}" if args.min_epochs else ""
+    args.name = f"verdict-{args.setting}{variant}"
     if args.smoke:
         args.epochs, args.trials, args.final_seeds = 2, 2, 2
         smoke = Path("/tmp/verdict-smoke")
-        args.runs_dir = args.runs_dir or smoke / args.setting
+        args.runs_dir = args.runs_dir or smoke / f"{args.setting}{variant}"
         if args.out_dir == DEFAULT_OUT_DIR:
             args.out_dir = smoke / "results"
     else:
         args.epochs, args.trials, args.final_seeds = SETTINGS[args.setting]["epochs"], 10, 5
-        args.runs_dir = args.runs_dir or Path("runs/verdict") / args.setting
+        args.runs_dir = args.runs_dir or Path(f"runs/verdict{variant}") / args.setting
     if not args.report_only:
         for rule in args.rules:
             code = run_rule(args, rule)
