@@ -447,7 +447,7 @@ def plot(args: argparse.Namespace, entries: list[dict[str, Any]]) -> Path:
 
     searched = [e for e in entries if e["range"]]
     sgd = next((e for e in entries if e["rule"] == "sgd"), None)
-    columns = 3
+    columns = max(1, min(3, len(searched)))
     rows = max(1, math.ceil(len(searched) / columns))
     figure, axes = plt.subplots(
         rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False, sharey=True,
@@ -462,6 +462,12 @@ def plot(args: argparse.Namespace, entries: list[dict[str, Any]]) -> Path:
             ]
             if points:
                 ax.scatter(*zip(*points), marker=marker, label=state)
+        for t in e["trials"]:  # the epochs a trial trained: its best val acc is over those
+            if t["best_val_acc"] is not None:
+                ax.annotate(
+                    str(t["epochs"]), (t["params"]["rho"], 100 * t["best_val_acc"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7, color="grey",
+                )  # fmt: skip
         if e["chosen_rho"] is not None:
             ax.scatter(
                 [e["chosen_rho"]], [100 * e["best_val_acc"]], marker="*", s=250,
@@ -481,7 +487,10 @@ def plot(args: argparse.Namespace, entries: list[dict[str, Any]]) -> Path:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("best val acc of the trial (%)")
-    figure.suptitle(f"{args.name}: best validation accuracy of each trial against rho (x: pruned)")
+    figure.suptitle(
+        f"{args.name}: best validation accuracy of each trial against rho "
+        "(x: pruned; grey: epochs trained)"
+    )
     out = Path(args.out_dir) / f"{args.name}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
