@@ -489,7 +489,8 @@ def plot(args: argparse.Namespace, entries: list[dict[str, Any]]) -> Path:
         ax.set_ylabel("best val acc of the trial (%)")
     figure.suptitle(
         f"{args.name}: best validation accuracy of each trial against rho "
-        "(x: pruned; grey: epochs trained)"
+        "(x: pruned; grey: epochs trained)",
+        fontsize=10,
     )
     out = Path(args.out_dir) / f"{args.name}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
