@@ -24,7 +24,7 @@ from aace.cli import main  # noqa: E402
 from aace.report import welch_test  # noqa: E402
 from aace.training.config import ConfigError  # noqa: E402
 from aace.training.metrics import TIMING_FIELDS  # noqa: E402
-from aace.training.tune import Space, parse_space  # noqa: E402
+from aace.training.tune import Space, TuneSpec, _sampler, parse_space  # noqa: E402
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
 
@@ -87,6 +87,36 @@ def check_study(out, optimizer, expected_points):
         assert trainings(t["run"]) == 1, t["run"]
         assert len(rows_of(t["run"])) == 2
     return report
+
+
+def test_workers_sharing_a_study_draw_different_points():
+    """Two workers (two samplers on one storage, as two processes have) ask for trials before
+    any finishes: trial k's random-phase rho depends on (seed, k) only, so it is the point a
+    single worker draws for trial k and no two workers draw the same point. (One TPESampler
+    seeded alike in every worker gave trials 0 and 1 the same rho.)"""
+    spec = TuneSpec(out="unused", optimizers=["sam"], spaces=[Space("rho", 0.01, 2.0, True)],
+                    base={}, trials=9)  # fmt: skip
+
+    def rhos(workers: int) -> list[float]:
+        storage = optuna.storages.InMemoryStorage()
+        studies = [
+            optuna.create_study(storage=storage, study_name="sam", direction="maximize",
+                                sampler=_sampler(spec, "sam", "sam"), load_if_exists=True)
+            for _ in range(workers)
+        ]  # fmt: skip
+        asked = []
+        for k in range(3):  # the random phase: max(2, 9 // 3) trials
+            study = studies[k % workers]
+            trial = study.ask()
+            asked.append((study, trial, trial.suggest_float("rho", 0.01, 2.0, log=True)))
+            if workers == 1:
+                study.tell(trial, 0.5)
+        assert [trial.number for _, trial, _ in asked] == [0, 1, 2]
+        return [rho for _, _, rho in asked]
+
+    single, shared = rhos(1), rhos(2)
+    assert shared == single
+    assert len(set(shared)) == 3 and all(0.01 <= rho <= 2.0 for rho in shared)
 
 
 def test_two_workers_share_a_journal_then_final_seeds(npz_path, tmp_path):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import multiprocessing
@@ -364,10 +365,62 @@ def _sampler(spec: TuneSpec, name: str, optimizer: str) -> Any:
             {s.name: list(s.values or ()) for s in spaces}, seed=spec.seed
         )
     budget = spec.budget(optimizer)
+
     # TPE (Bergstra et al., NeurIPS 2011) after a third of the budget of random trials.
-    return optuna.samplers.TPESampler(
-        n_startup_trials=max(2, budget // 3), seed=spec.seed, multivariate=True
-    )
+    def tpe(seed: int) -> Any:
+        return optuna.samplers.TPESampler(
+            n_startup_trials=max(2, budget // 3), seed=seed, multivariate=True
+        )
+
+    return _trial_seeded_sampler()(tpe, spec.seed)
+
+
+@functools.cache
+def _trial_seeded_sampler() -> type:
+    """The class of :class:`TrialSeededSampler` (defined on first use: Optuna is optional)."""
+    optuna = _require_optuna()
+
+    class TrialSeededSampler(optuna.samplers.BaseSampler):
+        """A sampler whose randomness is fixed by ``(seed, trial number)``: each trial gets a
+        fresh ``make(seed_k)`` with ``seed_k`` drawn from NumPy's ``SeedSequence([seed,
+        number])``, so that workers sharing a study draw different points (one seeded sampler
+        per worker draws the same point in each worker: duplicated trials), and trial ``k``
+        draws the same random-phase point whatever the number of workers. The inner sampler
+        still reads the whole study history (TPE's model)."""
+
+        def __init__(self, make: Callable[[int], Any], seed: int) -> None:
+            self._make, self._seed = make, seed
+            self._number: int | None = None
+            self._inner: Any = None
+
+        def _for(self, trial: Any) -> Any:
+            if trial.number != self._number:
+                import numpy as np
+
+                seed_k = int(
+                    np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]
+                )
+                self._number, self._inner = trial.number, self._make(seed_k)
+            return self._inner
+
+        def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+            return self._for(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict:
+            return self._for(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(
+            self, study: Any, trial: Any, param_name: str, param_distribution: Any
+        ) -> Any:
+            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            self._for(trial).before_trial(study, trial)
+
+        def after_trial(self, study: Any, trial: Any, state: Any, values: Any) -> None:
+            self._for(trial).after_trial(study, trial, state, values)
+
+    return TrialSeededSampler
 
 
 def open_studies(spec: TuneSpec, storage: Any, create: bool) -> dict[str, Any]:
