@@ -417,8 +417,14 @@ def report(args: argparse.Namespace) -> str:
         "this script (`verdict-sessions.jsonl`), start-up and reports included. A pruned or "
         "resumed run counts the epochs it trained.\n\n"
     )
-    commands = [shlex.join(tune_command(args, rule)) for rule in args.rules]
-    text += "### Commands (one per rule; rerun to resume)\n\n" + "\n".join(
+    # As last run (its --workers), or as this invocation would run it.
+    commands = [
+        by_rule[rule]["compute"]["sessions"][-1]["command"]
+        if rule in by_rule and by_rule[rule]["compute"]["sessions"]
+        else shlex.join(tune_command(args, rule))
+        for rule in args.rules
+    ]
+    text += "### Commands (one per rule, as last run; rerun to resume)\n\n" + "\n".join(
         f"    {command}" for command in commands
     )
     # The section the docs include (pymdownx.snippets: "verdict-<setting>.md:verdict"); the
