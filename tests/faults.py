@@ -14,9 +14,12 @@ process reaches POINT (on rank RANK only, default 0), it is
 * ``save``: SIGKILLed in its N-th checkpoint write, after the data went to the temporary file
   and before the rename;
 * ``sigterm``: receives SIGTERM at the start of its N-th step (this process only; under
-  torchrun the other ranks learn of it through the trainer's stop agreement).
+  torchrun the other ranks learn of it through the trainer's stop agreement);
+* ``delay``: sleeps N seconds before it starts aace (a rank slow to start, as one still
+  importing torch on a busy machine).
 
-Faults are real signals at deterministic points: no timing is involved.
+Faults are real signals at deterministic points: no timing is involved, except that ``delay``
+makes one rank late on purpose.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import torch
 
@@ -86,7 +90,9 @@ def _killed_mid_write(path, payload) -> None:
 
 
 def install(point: str, n: int) -> None:
-    if point == "startup":
+    if point == "delay":
+        time.sleep(n)
+    elif point == "startup":
         trainer.load_dataset = _at_nth_call(trainer.load_dataset, 1, _kill)
     elif point == "step":
         TrainStep.__call__ = _at_nth_call(TrainStep.__call__, n, _kill)

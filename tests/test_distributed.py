@@ -632,6 +632,17 @@ def test_two_nodes_preempted_by_sigterm_then_resumed(npz_path, tmp_path, torchru
     assert_same_run(out, torchrun_reference)
 
 
+def test_a_bad_argument_is_reported_when_rank_zero_starts_last(npz_path, tmp_path):
+    """Rank 0 starts 8 s after rank 1, which meets the bad argument first: rank 1 must not exit
+    before rank 0 has reported it (torchrun would stop rank 0 and the job would fail without a
+    word, as it did when ranks other than 0 exited at once)."""
+    command = torchrun_command(npz_path, tmp_path / "run", extra=("--rho", "-1"))
+    result = run_torchrun(command, "delay:8@0")
+    assert worker_statuses(result.stderr) == [2, 2], result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("aace:")]
+    assert lines == ["aace: error: --rho: got -1.0; expected a finite number >= 0"], result.stderr
+
+
 @pytest.mark.parametrize(
     "extra, status, message",
     [

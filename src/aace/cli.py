@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,9 +44,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but its usage errors are one line like every other error of the CLI."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        if not _rank():  # every rank of a torchrun job parses the same command line
-            print(f"aace: error: {message}", file=sys.stderr)
-            print(f"hint: {self.prog} --help lists the options", file=sys.stderr)
+        rank = _rank()  # every rank of a torchrun job parses the same command line
+        if rank and not _await_rank_zero(EXIT_USAGE):
+            raise SystemExit(EXIT_USAGE)  # rank 0 reports it
+        print(f"aace: error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr)
+        print(f"hint: {self.prog} --help lists the options", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -614,17 +617,20 @@ def _fail(
     """Report ``error`` in one line and return ``status``.
 
     Under torchrun an error that every rank raised alike (bad input, an agreed stop) is
-    reported by rank 0 alone; an error of one rank names it. From here on a SIGTERM (torchrun
-    stopping the other workers once one has exited) does not change the status: while the
-    error is reported it ends the process with that status, afterwards it is ignored.
+    reported by rank 0 alone (see :func:`_await_rank_zero`); an error of one rank names it.
+    From here on a SIGTERM (torchrun stopping the other workers once one has exited) does not
+    change the status: while the error is reported it ends the process with that status,
+    afterwards it is ignored.
     """
     _exit_on_sigterm(status)
     rank = _rank()
-    if not (rank and raised_on_all_ranks(error)):
-        if debug:
-            traceback.print_exception(error)
-        message = f"{prefix}{f'[rank {rank}] ' if rank else ''}{message}"
-        print(message, file=sys.stderr, flush=True)
+    if rank and raised_on_all_ranks(error) and not _await_rank_zero(status):
+        _ignore_sigterm()
+        return status  # rank 0 reports it
+    if debug:
+        traceback.print_exception(error)
+    message = f"{prefix}{f'[rank {rank}] ' if rank else ''}{message}"
+    print(message, file=sys.stderr, flush=True)
     _ignore_sigterm()
     return status
 
@@ -669,6 +675,34 @@ def _exit_on_sigterm(status: int) -> None:
         os._exit(status)
 
     signal.signal(signal.SIGTERM, exit_now)
+
+
+# How long a rank other than 0 waits, after an error that every rank meets alike, for rank 0
+# to report it and exit (rank 0 may still be importing torch).
+RANK_ZERO_GRACE = 60.0
+
+
+def _await_rank_zero(status: int) -> bool:
+    """On a rank other than 0 that met an error every rank meets alike: whether this rank must
+    report it itself.
+
+    Ranks that torchrun runs on rank 0's node (``GROUP_RANK`` 0) wait for the SIGTERM with which
+    torchrun stops the other workers once rank 0 has printed the error and exited; the SIGTERM
+    ends this process with ``status``. Exiting at once would let torchrun stop rank 0, perhaps
+    still importing torch, before it printed anything: the job would fail without a word.
+    After :data:`RANK_ZERO_GRACE` seconds without a SIGTERM, True: rank 0 did not end, so this
+    rank reports the error. On another node (whose exit does not stop rank 0 at once) False at
+    once, as it is without torchrun.
+    """
+    if (
+        _rank_count() <= 1
+        or os.environ.get("GROUP_RANK", "0") != "0"
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        return False
+    _exit_on_sigterm(status)
+    time.sleep(RANK_ZERO_GRACE)
+    return True
 
 
 def _ignore_sigterm() -> None:
