@@ -46,10 +46,8 @@ docs: $(STAMP)
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
-# The suite in parallel (pytest-xdist), one file per worker at a time: most of its time is
-# multi-process tests that wait on process start-up, so two workers on two cores finish sooner.
 test: lint docs
-	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
+	$(BIN)/python -m pytest
 
 clean:
 	rm -rf $(VENV) site build *.egg-info src/*.egg-info .pytest_cache .ruff_cache
