@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -53,11 +54,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, port: int, worker, args) -> None:
+def _entry(rank: int, store: str, worker, args) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{store}",
         rank=rank,
         world_size=WORLD,
         timeout=timedelta(seconds=60),
@@ -69,14 +70,20 @@ def _entry(rank: int, port: int, worker, args) -> None:
 
 
 def spawn(worker, *args) -> None:
-    """Run ``worker(rank, *args)`` in 2 processes with a gloo process group."""
-    context = mp.spawn(_entry, args=(_free_port(), worker, args), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"workers still running after {SPAWN_TIMEOUT} s")
+    """Run ``worker(rank, *args)`` in 2 processes with a gloo process group.
+
+    The group meets through a file in a fresh folder (``file://`` rendezvous), not a TCP port:
+    a port picked free here could be taken by another test's process before rank 0 binds it.
+    """
+    with tempfile.TemporaryDirectory(prefix="aace-rendezvous-") as folder:
+        store = os.path.join(folder, "store")
+        context = mp.spawn(_entry, args=(store, worker, args), nprocs=WORLD, join=False)
+        deadline = time.monotonic() + SPAWN_TIMEOUT
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"workers still running after {SPAWN_TIMEOUT} s")
 
 
 # -- a model without BatchNorm, in float64, and its data ---------------------------------
