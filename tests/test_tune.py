@@ -184,6 +184,75 @@ def test_sigkilled_worker_restarted_finishes_its_trial_from_the_checkpoint(npz_p
     assert [(t["state"], t["retry_of"]) for t in trials] == [("fail", None), ("complete", 0)]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_stopped_worker_puts_its_own_trial_back_in_the_queue(npz_path, tmp_path, monkeypatch):
+    """Two workers stopped by one SIGTERM each put their own trial back in the queue. aace once
+    queued the study's *last* failed trial: a worker whose trial had the lower number queued the
+    other worker's, which then ran twice, and its own was lost (a final seed missing, another
+    counted twice). Here the other worker's trial, started later, fails first."""
+    from optuna.trial import TrialState
+
+    from aace.training import preemption, trainer, tune
+
+    spec = TuneSpec(
+        out=str(tmp_path), optimizers=["sam"], spaces=[Space("rho", 0.01, 1.0, log=True)],
+        base={"dataset": f"npz:{npz_path}", "model": "wrn10_1", "epochs": 2, "batch_size": 16},
+        trials=4, pruner="none",
+    ).validate()  # fmt: skip
+    storage = tune.open_storage(spec)
+    tune.open_studies(spec, storage, create=True)
+    other_worker = optuna.load_study(study_name="sam", storage=storage)
+
+    class StoppedTrainer:
+        def __init__(self, config, log, on_epoch):
+            pass
+
+        def fit(self, resume):
+            other = other_worker.ask()
+            other.suggest_float("rho", 0.01, 1.0, log=True)
+            other_worker.tell(other, state=TrialState.FAIL)
+            raise preemption.Preempted("stopped by SIGTERM")
+
+    monkeypatch.setattr(trainer, "Trainer", StoppedTrainer)
+    monkeypatch.setattr(preemption, "defer_sigterm", lambda: None)  # not in pytest's process
+    with pytest.raises(preemption.Preempted):
+        tune.work(spec, log=lambda line: None)
+    trials = other_worker.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.WAITING]
+    assert trials[2].system_attrs["failed_trial"] == 0
+    assert trials[2].params == trials[0].params != trials[1].params
+
+
+def test_the_report_counts_a_final_run_once(npz_path, tmp_path):
+    """Two complete final trials of one seed (one run directory, as the bug above left them)
+    are one sample in the mean, sd and n, not two."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    from optuna.trial import create_trial
+
+    from aace.training import tune
+
+    spec = TuneSpec(
+        out=str(tmp_path), optimizers=["sam"], spaces=[Space("rho", 0.01, 1.0, log=True)],
+        base={"dataset": f"npz:{npz_path}", "model": "wrn10_1", "epochs": 2, "batch_size": 16},
+        trials=1, final_seeds=2, pruner="none",
+    ).validate()  # fmt: skip
+    studies = tune.open_studies(spec, tune.open_storage(spec), create=True)
+    rho = {"rho": FloatDistribution(0.01, 1.0, log=True)}
+    studies["sam"].add_trial(create_trial(params={"rho": 0.1}, distributions=rho, value=0.5,
+                                          user_attrs={"params": {"rho": 0.1}}))  # fmt: skip
+    seed = {"seed": CategoricalDistribution([1, 2])}
+    for value, test in [(1, 0.4), (1, 0.4), (2, 0.6)]:
+        run = str(tmp_path / "final" / f"sam-rho0.1-s{value}")
+        studies["sam-final"].add_trial(
+            create_trial(params={"seed": value}, distributions=seed, value=0.5,
+                         user_attrs={"run": run, "test_acc_at_selected": test})
+        )  # fmt: skip
+    final = tune.write_report(spec, studies)["optimizers"]["sam"]["final"]
+    assert final["n"] == 2 and final["seeds"] == [1, 2]
+    assert final["test_acc_at_selected"] == [0.4, 0.6]
+    assert final["mean"] == pytest.approx(0.5) and final["sd"] == pytest.approx(0.2 / 2**0.5)
+
+
 def test_pruned_trial_keeps_its_run(npz_path, tmp_path):
     # A learning rate that learns nothing in 3 epochs against one that learns: ASHA (first rung
     # after 1 epoch) promotes the first trial, the second only if it is as good at epoch 1.

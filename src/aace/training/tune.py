@@ -521,10 +521,13 @@ class _Objective:
             log,
         )
         self.final = name.endswith("-final")
+        self.number: int | None = None  # the number of the trial this objective last ran
 
     def __call__(self, trial: Any) -> float:
         optuna = _require_optuna()
         from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
+
+        self.number = trial.number
 
         trials = self.study.get_trials(deepcopy=False)
         (frozen,) = [t for t in trials if t.number == trial.number]
@@ -652,9 +655,16 @@ def work(spec: TuneSpec, log: Callable[[str], None] = print, poll: float = 2.0) 
                 try:
                     study.optimize(objective, n_trials=1, catch=(NonFiniteError, _Skipped))
                 except Preempted:
-                    mine = [t for t in study.get_trials(deepcopy=False) if t.state.name == "FAIL"]
+                    # This worker's trial back in the queue with its parameters: not the
+                    # study's last failed trial, which may be that of another worker stopped
+                    # at the same moment (then one trial was queued twice, the other lost).
+                    mine = [
+                        t
+                        for t in study.get_trials(deepcopy=False)
+                        if t.number == objective.number and t.state.name == "FAIL"
+                    ]
                     if mine:
-                        retry(study, mine[-1])  # back in the queue with its parameters
+                        retry(study, mine[0])
                     raise
             trials = study.get_trials(deepcopy=False)
             last = max(
@@ -803,20 +813,17 @@ def write_report(spec: TuneSpec, studies: dict[str, Any]) -> dict[str, Any]:
         }
         final_name = f"{optimizer}-final"
         if final_name in studies:
-            finals = [
-                _trial_record(t)
-                for t in studies[final_name].get_trials(deepcopy=False)
-                if t.state.name == "COMPLETE"
-            ]
-            tests = [f["test_acc_at_selected"] for f in finals]
+            # One result per run directory: two complete trials of one seed (a stopped trial
+            # queued twice by aace before 2026-12) trained one run, not two samples.
+            finals: dict[str, Any] = {}
+            for t in studies[final_name].get_trials(deepcopy=False):
+                if t.state.name == "COMPLETE":
+                    finals.setdefault(t.user_attrs["run"], t)
+            tests = [t.user_attrs.get("test_acc_at_selected") for t in finals.values()]
             low, high = confidence_interval(tests) if tests else (math.nan, math.nan)
             entry["final"] = {
-                "runs": [f["run"] for f in finals],
-                "seeds": [
-                    json.loads(json.dumps(t.params)).get("seed")
-                    for t in studies[final_name].get_trials(deepcopy=False)
-                    if t.state.name == "COMPLETE"
-                ],
+                "runs": list(finals),
+                "seeds": [t.params.get("seed") for t in finals.values()],
                 "test_acc_at_selected": tests,
                 "mean": statistics.fmean(tests) if tests else None,
                 "sd": statistics.stdev(tests) if len(tests) > 1 else None,
