@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from aace.training.sweep import available_cpus
+from aace.training.workers import available_cpus
 
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _threads = max(1, available_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))

@@ -700,12 +700,12 @@ def _await_rank_zero(status: int) -> bool:
         or threading.current_thread() is not threading.main_thread()
     ):
         return False
-    from aace.training.preemption import _deferred
+    from aace.training.preemption import deferred_signal
 
-    if _deferred:  # torchrun's SIGTERM came already (remembered by defer_sigterm): rank 0 ended
+    if deferred_signal():  # torchrun's SIGTERM came already (remembered): rank 0 ended
         return False
     _exit_on_sigterm(status)
-    if _deferred:  # it came while the handler was being replaced
+    if deferred_signal():  # it came while the handler was being replaced
         return False
     time.sleep(RANK_ZERO_GRACE)
     return True

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from aace.stats import confidence_interval, welch_test
 
 SHARPNESS = "sharpness.json"
 # Columns of 'aace compare' for runs that have a sharpness.json: (key, header).
@@ -92,35 +93,6 @@ def _mean_std(values: list[float]) -> str:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
-
-
-def confidence_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
-    """Student-t confidence interval of the mean: mean ± t_{(1+level)/2, n-1} s / sqrt(n).
-    NaN bounds for fewer than two values."""
-    from scipy import stats
-
-    n = len(values)
-    mean = statistics.fmean(values)
-    if n < 2:
-        return math.nan, math.nan
-    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * statistics.stdev(values) / math.sqrt(n)
-    return mean - half, mean + half
-
-
-def welch_test(values: list[float], baseline: list[float]) -> tuple[float, float]:
-    """Difference of means (values - baseline) and the two-sided p-value of Welch's t-test
-    (unequal variances; Welch 1947). NaN p-value when either group has fewer than two values or
-    both have zero variance."""
-    from scipy import stats
-
-    difference = statistics.fmean(values) - statistics.fmean(baseline)
-    if len(values) < 2 or len(baseline) < 2:
-        return difference, math.nan
-    if statistics.stdev(values) == 0 and statistics.stdev(baseline) == 0:
-        return difference, math.nan
-    with warnings.catch_warnings():  # near-identical values: scipy warns, the p-value stands
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return difference, float(stats.ttest_ind(values, baseline, equal_var=False).pvalue)
 
 
 MIN_INTERVAL_N = 3

@@ -25,28 +25,49 @@ import torch.distributed as dist
 
 from aace.training.distributed import Distributed
 
-__all__ = ["EXIT_PREEMPTED", "Preempted", "StopRequest", "defer_sigterm"]
+__all__ = [
+    "EXIT_PREEMPTED", "Preempted", "StopRequest", "defer_signals", "defer_sigterm",
+    "deferred_signal",
+]  # fmt: skip
 
 # EX_TEMPFAIL of sysexits.h: "a temporary failure; the user is invited to retry".
 EXIT_PREEMPTED = 75
 
 
-# SIGTERMs received while only deferred (before a run's StopRequest was active).
+# Stop signals received while only deferred (before a run's StopRequest was active).
 _deferred: list[int] = []
 
 
-def defer_sigterm() -> None:
-    """From now on a SIGTERM is remembered instead of killing the process; a run started later
-    stops at its first step boundary. Under torchrun the CLI calls this first thing: torchrun
-    SIGTERMs the other workers as soon as one exits, and a worker that is about to report the
-    same error (a bad argument every rank checks) should exit with that error's status, not
-    die of the signal. Only from the main thread (Python's rule for handlers)."""
+def defer_signals(signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    """From now on each of ``signals`` is remembered instead of ending the process; a run
+    started later stops at its first step boundary (:func:`deferred_signal` tells which came).
+    Under torchrun the CLI defers SIGTERM first thing: torchrun SIGTERMs the other workers as
+    soon as one exits, and a worker that is about to report the same error (a bad argument every
+    rank checks) should exit with that error's status, not die of the signal. Worker processes
+    of ``aace sweep`` and ``aace tune`` defer SIGTERM and SIGINT. Only from the main thread
+    (Python's rule for handlers)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: _deferred.append(signum))
+        for signum in signals:
+            signal.signal(signum, lambda signum, frame: _deferred.append(signum))
+
+
+def defer_sigterm() -> None:
+    """:func:`defer_signals` for SIGTERM alone."""
+    defer_signals((signal.SIGTERM,))
+
+
+def deferred_signal() -> int | None:
+    """The first stop signal remembered by :func:`defer_signals`, or None."""
+    return _deferred[0] if _deferred else None
 
 
 class Preempted(Exception):
-    """The run stopped on a signal after writing a checkpoint; ``--resume`` continues it."""
+    """The run stopped on a signal after writing a checkpoint; ``--resume`` continues it.
+    ``signum`` is the signal that asked (SIGTERM unless said otherwise)."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGTERM) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class StopRequest:
@@ -54,7 +75,9 @@ class StopRequest:
     instead of killing the process. Handlers are installed only from the main thread (Python's
     rule); elsewhere :meth:`request` is the only way to ask."""
 
-    def __init__(self, context: Distributed, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+    def __init__(
+        self, context: Distributed, signals: tuple[int, ...] = (signal.SIGTERM,)
+    ) -> None:
         self.context = context
         self.signals = signals
         self.requested: int | None = None  # the number of the signal that asked

@@ -10,11 +10,11 @@
   machine's CPUs split between them (``torch.set_num_threads``, ``OMP_NUM_THREADS``). A run's
   log goes to ``train.log`` in its directory; one that fails (bad setting, divergence) is
   reported and the others go on.
-* **Stopping.** A SIGTERM to the sweep (Slurm, ``kill``) is passed on to its runs: each writes a
-  checkpoint at its next step boundary and stops, no other run starts, and the sweep exits with
-  status 75 (rerun the same command to continue). A worker whose sweep died without a word
-  (SIGKILL, out of memory) stops its run the same way within a second and exits, rather than
-  training on unobserved.
+* **Stopping.** A SIGTERM (Slurm, ``kill``) or SIGINT (Ctrl-C) to the sweep is passed on to its
+  runs (:mod:`aace.training.workers`): each writes a checkpoint at its next step boundary and
+  stops, no other run starts, and the sweep exits with status 75 (rerun the same command to
+  continue). A worker whose sweep died without a word (SIGKILL, out of memory) stops its run
+  the same way within a second and exits, rather than training on unobserved.
 * **Order.** Seed by seed, and within a seed every noise rate and optimizer, so that a sweep
   stopped halfway still compares like with like.
 * **Result.** The :func:`aace.report.compare_table` of all runs, printed and written to
@@ -29,7 +29,6 @@ import math
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -39,7 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from aace.training.config import OPTIMIZERS, ConfigError, RunConfig
-from aace.training.preemption import EXIT_PREEMPTED, Preempted, defer_sigterm
+from aace.training.preemption import Preempted
+from aace.training.workers import (
+    STOP_SIGNALS,
+    TRAINING,
+    ForwardSignals,
+    available_cpus,
+    watch_parent,
+)
 
 COMPARE = "compare.md"
 LOG = "train.log"
@@ -191,13 +197,6 @@ def check_existing(runs: list[SweepRun]) -> None:
             )
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on every platform
-        return os.cpu_count() or 1
-
-
 def run_sweep(
     runs: list[SweepRun], jobs: int = 1, log: Callable[[str], None] = print
 ) -> list[Outcome]:
@@ -217,42 +216,19 @@ def run_sweep(
         f"{len(todo) - resuming} to start; {jobs} job(s) x {threads} thread(s)"
     )
     if todo:
-        with _ForwardSigterm() as stop:
+        with ForwardSignals() as stop:
             for outcome in _train_all(
                 todo, jobs, threads, log, stop, done=len(outcomes), total=len(runs)
             ):
                 outcomes[outcome.run.name] = outcome
-        if stop.received:
+        if stop.received is not None:
             stopped = sum(outcome.stopped for outcome in outcomes.values())
             raise Preempted(
-                f"sweep stopped by SIGTERM: {stopped} run(s) wrote a checkpoint and stopped; "
-                "rerun the same command to continue"
+                f"sweep stopped by {signal.Signals(stop.received).name}: {stopped} run(s) wrote "
+                "a checkpoint and stopped; rerun the same command to continue",
+                stop.received,
             )
     return [outcomes[run.name] for run in runs]
-
-
-class _ForwardSigterm:
-    """While active (in the main thread), a SIGTERM to the sweep is passed on to its worker
-    processes, whose runs then checkpoint at the next step boundary and stop; ``received`` tells
-    the sweep to start no other run."""
-
-    def __init__(self) -> None:
-        self.received = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
-        for child in multiprocessing.active_children():
-            child.terminate()  # SIGTERM
-
-    def __enter__(self) -> _ForwardSigterm:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _train_all(
@@ -260,18 +236,22 @@ def _train_all(
     jobs: int,
     threads: int,
     log: Callable[[str], None],
-    stop: _ForwardSigterm,
+    stop: ForwardSignals,
     done: int,
     total: int,
 ) -> list[Outcome]:
     results: list[Outcome] = []
+
+    def stopped() -> bool:
+        return stop.received is not None
+
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the workers' OpenMP at start
     context = multiprocessing.get_context("spawn")
 
     def new_pool() -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            max_workers=jobs, mp_context=context, initializer=_watch_parent, initargs=(os.getpid(),)
+            max_workers=jobs, mp_context=context, initializer=watch_parent, initargs=(os.getpid(),)
         )
 
     pool = new_pool()
@@ -290,7 +270,9 @@ def _train_all(
                 try:
                     outcome = Outcome(run, **future.result())
                 except BrokenProcessPool:  # a worker was killed (by a signal, out of memory)
-                    outcome = Outcome(run, error="its process was killed", stopped=stop.received)
+                    outcome = Outcome(
+                        run, error="its process was killed", stopped=stop.received is not None
+                    )
                     broken = True
                 results.append(outcome)
                 done += 1
@@ -298,7 +280,9 @@ def _train_all(
             if broken:  # the pool is unusable: the runs it still held are lost with it
                 for run in pending.values():
                     results.append(
-                        Outcome(run, error="its process was killed", stopped=stop.received)
+                        Outcome(
+                            run, error="its process was killed", stopped=stop.received is not None
+                        )
                     )
                     done += 1
                     log(f"[{done}/{total}] {_describe(results[-1])}")
@@ -317,7 +301,7 @@ def _train_all(
 def _describe(outcome: Outcome) -> str:
     name = outcome.run.name
     if outcome.stopped:
-        return f"{name}: stopped on SIGTERM ({outcome.error or 'checkpoint written'})"
+        return f"{name}: stopped on a signal ({outcome.error or 'checkpoint written'})"
     if outcome.error is not None:
         return f"{name}: failed: {outcome.error} (log: {outcome.run.out / LOG})"
     summary = outcome.summary or {}
@@ -325,30 +309,6 @@ def _describe(outcome: Outcome) -> str:
         f"{name}: final test acc {summary.get('final_test_acc', math.nan):.4f}, best "
         f"{summary.get('best_test_acc', math.nan):.4f} ({outcome.seconds:.0f} s)"
     )
-
-
-# Held by a worker while it trains a run (see _watch_parent).
-_training = threading.Lock()
-
-
-def _watch_parent(parent: int) -> None:
-    """Pool initializer. A SIGTERM between runs is remembered (the next run stops at once)
-    rather than killing the worker, which would break the pool while other runs write their
-    checkpoints. And a thread notices when the sweep's process is gone (SIGKILL, out of memory:
-    nothing could tell the workers): a run in progress is then sent SIGTERM, so it writes a
-    checkpoint at its next step boundary and stops, and the worker exits instead of training on
-    unobserved and then waiting forever for the next run."""
-    defer_sigterm()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        if _training.locked():
-            os.kill(os.getpid(), signal.SIGTERM)
-        with _training:  # the run has stopped (its checkpoint is on disk) or none was going
-            os._exit(EXIT_PREEMPTED)
-
-    threading.Thread(target=watch, name="aace-sweep-watch-parent", daemon=True).start()
 
 
 def _train_one(values: dict[str, Any], threads: int) -> dict[str, Any]:
@@ -364,14 +324,16 @@ def _train_one(values: dict[str, Any], threads: int) -> dict[str, Any]:
     config = RunConfig.from_dict(values)
     started = time.perf_counter()
     with (
-        _training,
+        TRAINING,
         open(Path(config.out) / LOG, "a") as log_file,
         contextlib.redirect_stdout(log_file),
         contextlib.redirect_stderr(log_file),
     ):
         print(f"aace sweep: pid {os.getpid()}, {torch.get_num_threads()} torch thread(s)")
         try:
-            summary = Trainer(config, log=lambda line: print(line, flush=True)).fit(resume=True)
+            summary = Trainer(
+                config, log=lambda line: print(line, flush=True), stop_signals=STOP_SIGNALS
+            ).fit(resume=True)
         except Preempted as error:
             print(f"aace sweep: {error}")
             return {"stopped": True, "seconds": time.perf_counter() - started}

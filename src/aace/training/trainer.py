@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -294,13 +295,16 @@ class Trainer:
         config: RunConfig,
         log: Callable[[str], None] = print,
         on_epoch: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None,
+        stop_signals: tuple[int, ...] = (signal.SIGTERM,),
     ) -> None:
         """``on_epoch(row, rows)`` is called (on every rank) after each epoch's checkpoint with
         that epoch's metrics row and all rows so far; an exception it raises ends :meth:`fit`
-        with the checkpoint of that epoch on disk (``aace tune`` prunes trials this way)."""
+        with the checkpoint of that epoch on disk. ``stop_signals``: the signals that stop the
+        run at the next step boundary with a checkpoint (``aace tune`` adds SIGINT)."""
         self.config = config.validate()
         self.log = log
         self.on_epoch = on_epoch
+        self.stop_signals = stop_signals
         self.out = Path(config.out)
         self.is_main = True  # False on ranks > 0 once fit() knows
         self.tensorboard: TensorBoardLog | None = None  # rank 0 with --tensorboard
@@ -384,7 +388,7 @@ class Trainer:
         context, device = distributed.setup(resolve_device(self.config.device))
         self.is_main = context.is_main
         try:
-            with StopRequest(context) as stop:
+            with StopRequest(context, self.stop_signals) as stop:
                 return self._fit(context, device, resume, stop)
         except BaseException as error:
             # The traceback's frames hold the DDP wrapper, whose reducer holds the process
@@ -539,7 +543,10 @@ class Trainer:
                 self.on_epoch(row, rows)
             if epoch + 1 < config.epochs and stop.agreed():
                 raise on_all_ranks(
-                    Preempted(self._stopped_message(stop, f"after epoch {epoch + 1}"))
+                    Preempted(
+                        self._stopped_message(stop, f"after epoch {epoch + 1}"),
+                        stop.requested or signal.SIGTERM,
+                    )
                 )
 
         summary = summarize(rows, config)
@@ -642,7 +649,11 @@ class Trainer:
             if stopping:
                 progress.close()
                 where = f"at step {done} of epoch {epoch + 1}"
-                raise on_all_ranks(Preempted(self._stopped_message(run.stop, where)))
+                raise on_all_ranks(
+                    Preempted(
+                        self._stopped_message(run.stop, where), run.stop.requested or signal.SIGTERM
+                    )
+                )
         if step.is_sam:
             run.optimizer.reset_stats()  # the next epoch's cosine starts afresh
         if run.device.type == "cuda":
