@@ -1,49 +1,64 @@
-"""A full grid of rho values trained to the end against a pruned ``aace tune`` search.
+"""How often does ``aace tune`` choose a good rho, and at what cost? Search designs replayed on a
+dense, seed-repeated grid of real runs.
 
-For each optimizer (default SAM and SAM+AACE): (1) ``aace tune`` with a grid of ``--grid``
-rho values and no pruner (every run to the last epoch); (2) ``aace tune`` with ``--trials``
-trials of a log-uniform rho range and the default pruner (asynchronous successive halving).
-Both choose on the same validation split. Reported: the epochs each trained, the rho each
-selects and, when they differ, how far apart they are in validation accuracy, against the
-binomial standard error of a validation accuracy (sqrt(p (1 - p) / n_val)) as "noise".
+1. The pool: ``aace tune`` trains, for each optimizer, a dense log grid of rho (``--points``,
+   default 13 over [0.01, 2]) with ``--seeds`` seeds each, every run to the last epoch, on one
+   validation split.
+2. The truth: per rho, the test accuracy at the validation-selected epoch averaged over all
+   seeds. The best rho's mean minus one standard error (sd / sqrt(seeds)) bounds the *good*
+   radii: a search succeeds when it picks one of them.
+3. The designs, replayed from the pool without training: a grid of 7 points (every other
+   point: the default of ``aace tune``) or all 13, scored with 1 or 2 (3) search seeds, for
+   each score of :mod:`aace.training.tune.scoring`, over every subset of the pool's seeds
+   as the search seeds. Reported: how often the choice is good, how often it is the design's
+   most frequent choice (consistency across seeds), and the epochs the design trains.
 
-The README's figures (docs/tuning.md), about 30 minutes on one CPU core:
+Results: ``benchmarks/results/<name>.{json,md}``; the runs go to ``--runs-dir`` (resumable: rerun
+the same command to continue). The tuning page's figures:
 
-    nice taskset -c 1 python benchmarks/tune_vs_grid.py --epochs 4 --model wrn10_1 \\
-        --label-noise 0.2
-
-Writes ``benchmarks/results/tune_vs_grid.{json,md}``; the runs go to
-``benchmarks/out/tune_vs_grid`` (resumable: rerun the same command to continue).
+    python benchmarks/tune_vs_grid.py --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import math
+import statistics
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
-from _common import DEFAULT_OUT_DIR, write_results
+from _common import DEFAULT_OUT_DIR, markdown_table, write_results
 
-from aace.data import load_dataset
+from aace.training.tune.scoring import SCORES, rank_key, run_score
+from aace.training.tune.spec import Space, grid_points, run_name
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _test_at_selected(rows: list[dict]) -> float:
+    return max(rows, key=lambda r: r["val_acc"])["test_acc"]  # the earliest best val_acc
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="digits")
-    parser.add_argument("--model", default="wrn10_1")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--model", default="wrn16_1")
+    parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--label-noise", type=float, default=0.2)
+    parser.add_argument("--label-noise", type=float, default=0.4)
     parser.add_argument("--optimizers", default="sam,sam-aace")
-    parser.add_argument("--grid", default="0.01,0.02,0.05,0.1,0.2,0.5,1,2")
     parser.add_argument("--range", default="0.01:2:log")
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--points", type=int, default=13)
+    parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--val-split", type=float, default=0.1)
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--runs-dir", default="benchmarks/out/tune_vs_grid")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--name", default="tune_vs_grid")
@@ -54,90 +69,90 @@ def main() -> None:
     ]  # fmt: skip
     if args.label_noise:
         train += ["--label-noise", str(args.label_noise)]
-    common = ["--optimizer", args.optimizers, "--val-split", str(args.val_split)]
-    runs = Path(args.runs_dir)
-    commands = {
-        "grid": [*common, "--rho", args.grid, "--pruner", "none", "--out", str(runs / "grid")],
-        "search": [
-            *common,
-            "--rho",
-            args.range,
-            "--trials",
-            str(args.trials),
-            "--pruner",
-            "asha",
-            "--out",
-            str(runs / "search"),
-        ],  # fmt: skip
-    }
-    reports = {}
-    for kind, command in commands.items():
-        full = [sys.executable, "-m", "aace", "tune", *command, "--", *train]
-        print("$", " ".join(full), flush=True)
-        subprocess.run(full, check=True)
-        reports[kind] = json.loads((runs / kind / "tune.json").read_text())
-    dataset = load_dataset(args.dataset, "data", False)
-    n_val = sum(round(args.val_split * int(c)) for c in dataset.y_train.bincount())
-    rows = []
+    pool = Path(args.runs_dir) / "pool"
+    command = [
+        sys.executable, "-m", "aace", "tune", "--out", str(pool), "--optimizer", args.optimizers,
+        "--rho", args.range, "--trials", str(args.points), "--search-seeds", str(args.seeds),
+        "--val-split", str(args.val_split), "--workers", str(args.workers), "--progress", "120",
+        "--", *train,
+    ]  # fmt: skip
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True)
+
+    low, high, *_ = args.range.split(":")
+    dense = grid_points(Space("rho", float(low), float(high), log=True), args.points)
+    seeds = list(range(args.seeds))
+    rows, details = [], {}
     for optimizer in args.optimizers.split(","):
-        grid = reports["grid"]["optimizers"][optimizer]
-        search = reports["search"]["optimizers"][optimizer]
-        grid_best, search_best = grid["best"], search["best"]
-        p = grid_best["value"]
-        noise = math.sqrt(p * (1 - p) / n_val)
-        # The grid's validation accuracy at the rho the search chose, when the grid has it.
-        by_rho = {t["params"]["rho"]: t["best_val_acc"] for t in grid["trials"]}
-        rows.append(
-            {
-                "optimizer": optimizer,
-                "grid_epochs": grid["epochs_trained"],
-                "search_epochs": search["epochs_trained"],
-                "epoch_ratio": search["epochs_trained"] / grid["epochs_trained"],
-                "grid_rho": grid_best["params"]["rho"],
-                "grid_val_acc": grid_best["value"],
-                "search_rho": search_best["params"]["rho"],
-                "search_val_acc": search_best["value"],
-                "gap": grid_best["value"] - search_best["value"],
-                "noise_se": noise,
-                "grid_val_acc_at_search_rho": by_rho.get(search_best["params"]["rho"]),
-                "search_trials": [
-                    {k: t[k] for k in ("params", "state", "epochs", "best_val_acc")}
-                    for t in search["trials"]
-                ],
-            }
-        )
-    header = (
-        "| optimizer | grid: epochs | grid: chosen rho | grid: val acc (%) | search: epochs "
-        "(share of grid) | search: chosen rho | search: val acc (%) | gap (pp) | noise: 1 SE (pp) |"
+        runs = {
+            (rho, seed): _rows(pool / optimizer / run_name(optimizer, {"rho": rho}, seed))
+            for rho in dense
+            for seed in seeds
+        }
+        truth = {rho: [_test_at_selected(runs[rho, s]) for s in seeds] for rho in dense}
+        means = {rho: statistics.fmean(v) for rho, v in truth.items()}
+        best = max(dense, key=means.__getitem__)
+        se = statistics.stdev(truth[best]) / len(seeds) ** 0.5
+        good = {rho for rho in dense if means[rho] >= means[best] - se}
+        details[optimizer] = {
+            "test_acc_at_selected": {str(rho): v for rho, v in truth.items()},
+            "best": best, "se": se, "good": sorted(good),
+        }  # fmt: skip
+        designs = [(points, s) for points in (7, len(dense)) for s in (1, 2, 3) if s <= len(seeds)]
+        for (points, s), score in itertools.product(designs, SCORES):
+            grid = dense[:: (len(dense) - 1) // (points - 1)] if points < len(dense) else dense
+            choices = []
+            for subset in itertools.combinations(seeds, s):
+                scored = []
+                for rho in grid:
+                    per_run = [run_score(runs[rho, seed], score) for seed in subset]
+                    scored.append(
+                        rank_key(
+                            statistics.fmean(r.score for r in per_run),
+                            statistics.fmean(r.secondary for r in per_run),
+                            {"rho": rho},
+                        )
+                    )
+                choices.append(min(scored)[2][0])
+            hits = sum(choice in good for choice in choices)
+            mode, mode_count = Counter(choices).most_common(1)[0]
+            rows.append({
+                "optimizer": optimizer, "points": points, "search_seeds": s, "score": score,
+                "epochs": points * s * args.epochs, "good": hits, "searches": len(choices),
+                "most_frequent": mode, "most_frequent_count": mode_count,
+                "choices": choices,
+            })  # fmt: skip
+    table = markdown_table(
+        ["optimizer", "design", "score", "epochs", "good choice", "same choice", "most often"],
+        [
+            [r["optimizer"], f"{r['points']} points × {r['search_seeds']} seed(s)", r["score"],
+             r["epochs"], f"{r['good']} / {r['searches']}",
+             f"{r['most_frequent_count']} / {r['searches']}", f"{r['most_frequent']:g}"]
+            for r in rows
+        ],
+    )  # fmt: skip
+    truths = markdown_table(
+        ["optimizer", "best rho (dense grid)", "its test acc (%)", "SE (pp)", "good rho"],
+        [
+            [o, f"{d['best']:g}",
+             f"{100 * statistics.fmean(d['test_acc_at_selected'][str(d['best'])]):.2f}",
+             f"{100 * d['se']:.2f}", ", ".join(f"{g:g}" for g in d["good"])]
+            for o, d in details.items()
+        ],
+    )  # fmt: skip
+    notes = (
+        f"Pool: {len(dense)} rho values x {len(seeds)} seeds per optimizer, {args.epochs} epochs, "
+        f"{args.dataset}, {args.model}, label noise {args.label_noise:g}, validation split "
+        f"{args.val_split:g}. Good rho: within one SE of the dense grid's best mean test accuracy "
+        "at the validation-selected epoch. A design's searches are every subset of the pool's "
+        "seeds of its size (so few searches with 2-3 seeds: read the counts, not percentages)."
     )
-    lines = [header, "|---" * header.count(" |") + "|"]
-    for r in rows:
-        lines.append(
-            f"| {r['optimizer']} | {r['grid_epochs']} | {r['grid_rho']:g} | "
-            f"{100 * r['grid_val_acc']:.2f} | {r['search_epochs']} ({100 * r['epoch_ratio']:.0f} %)"
-            f" | {r['search_rho']:g} | {100 * r['search_val_acc']:.2f} | "
-            f"{100 * r['gap']:+.2f} | {100 * r['noise_se']:.2f} |"
-        )
-    setting = (
-        f"{args.dataset} / {args.model} / {args.epochs} epochs / batch {args.batch_size} / lr "
-        f"{args.lr:g} cosine / {100 * args.label_noise:g} % label noise / validation split "
-        f"{args.val_split:g} ({n_val} images); grid rho {args.grid} (no pruning) against "
-        f"{args.trials} TPE trials on rho {args.range} with ASHA pruning (first rung: 1 epoch)"
-    )
-    print(
-        write_results(
-            args.name,
-            rows,
-            "\n".join(lines),
-            args.out_dir,
-            device=torch.device("cpu"),
-            config={**vars(args), "out_dir": str(args.out_dir), "commands": commands},
-            notes=setting
-            + ". Epochs: the epochs each trained in all (pruned trials stop early). Gap: the "
-            "grid's best validation accuracy minus the search's; noise: one binomial standard "
-            "error of a validation accuracy at the grid's best.",
-        )
-    )
+    write_results(
+        args.name, rows, truths + "\n\n" + table, args.out_dir, device=torch.device("cpu"),
+        config=vars(args) | {"out_dir": str(args.out_dir)}, extra={"truth": details},
+        notes=notes,
+    )  # fmt: skip
+    print(truths + "\n\n" + table)
 
 
 if __name__ == "__main__":

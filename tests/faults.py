@@ -15,6 +15,7 @@ process reaches POINT (on rank RANK only, default 0), it is
   and before the rename;
 * ``sigterm``: receives SIGTERM at the start of its N-th step (this process only; under
   torchrun the other ranks learn of it through the trainer's stop agreement);
+* ``sigint``: receives SIGINT (Ctrl-C) at the start of its N-th step;
 * ``delay``: sleeps N seconds before it starts aace (a rank slow to start, as one still
   importing torch on a busy machine).
 
@@ -78,6 +79,11 @@ def _sigterm() -> None:
     signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
 
+def _sigint() -> None:
+    """SIGINT (Ctrl-C) to this process's main thread, as :func:`_sigterm`."""
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
 def _killed_mid_write(path, payload) -> None:
     payload = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, **payload}
 
@@ -98,6 +104,8 @@ def install(point: str, n: int) -> None:
         TrainStep.__call__ = _at_nth_call(TrainStep.__call__, n, _kill)
     elif point == "sigterm":
         TrainStep.__call__ = _at_nth_call(TrainStep.__call__, n, _sigterm)
+    elif point == "sigint":  # Ctrl-C, to this process alone
+        TrainStep.__call__ = _at_nth_call(TrainStep.__call__, n, _sigint)
     elif point == "evaluate":
         trainer.evaluate = _at_nth_call(trainer.evaluate, n, _kill)
     elif point == "save":

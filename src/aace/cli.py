@@ -32,7 +32,12 @@ from aace.training.config import (
     preset,
 )
 from aace.training.distributed import on_all_ranks, raised_on_all_ranks
-from aace.training.preemption import EXIT_PREEMPTED, Preempted, defer_sigterm
+from aace.training.preemption import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    Preempted,
+    defer_sigterm,
+)
 from aace.training.step import NonFiniteError
 
 EXIT_USAGE = 2
@@ -282,12 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = commands.add_parser(
         "tune",
-        help="search hyperparameters (rho, lr, ...) on a validation split with Optuna, then "
-        "train each optimizer's choice with new seeds; many workers and machines may share it",
-        description="Each optimizer gets its own search with the same budget; every trial is "
-        "a run directory in --out. The same command on another machine (same --storage) joins "
-        "the search. Arguments after -- are 'aace train' arguments, the same for every trial. "
-        "Needs pip install 'aace[tune]'. See docs/tuning.md.",
+        help="choose hyperparameters (rho, lr, ...) on a validation split: every configuration "
+        "trained in full with every search seed, then each optimizer's choice with new seeds; "
+        "many workers and machines may share it",
+        description="Each optimizer gets its own search with the same budget; every run is "
+        "a run directory in --out. A one-dimensional range becomes --trials points, each "
+        "trained to the full epochs with every search seed (nothing is pruned); two or more "
+        "ranged hyperparameters are searched by TPE. The same command on another machine (same "
+        "--storage) joins the search. Arguments after -- are 'aace train' arguments, the same "
+        "for every run. Needs pip install 'aace[tune]'. See docs/tuning.md.",
     )
     tune.add_argument("--out", required=True, help="the tuning's folder (runs, journal, report)")
     tune.add_argument(
@@ -304,10 +312,30 @@ def build_parser() -> argparse.ArgumentParser:
         tune.add_argument(
             f"--{name}",
             metavar="SPACE",
-            help=f"search {what}: LOW:HIGH, LOW:HIGH:log (Optuna's TPE sampler, --trials "
-            "trials) or V1,V2,... (a grid when every searched value is a list)",
+            help=f"search {what}: LOW:HIGH:log or LOW:HIGH (a range) or V1,V2,... (a list)",
         )
-    tune.add_argument("--trials", type=int, help="trials per optimizer for a range search")
+    tune.add_argument(
+        "--trials",
+        type=int,
+        metavar="K",
+        help="points of a one-dimensional range (default 7, geometric for :log), or "
+        "configurations drawn by TPE when two or more ranged hyperparameters are searched",
+    )
+    tune.add_argument(
+        "--search-seeds",
+        type=int,
+        default=1,
+        metavar="S",
+        help="train every configuration with seeds SEED ... SEED+S-1 and score their mean "
+        "(default 1)",
+    )
+    tune.add_argument(
+        "--score",
+        choices=tune_scores(),
+        default="best-val-acc",
+        help="what ranks configurations: the best validation accuracy over the epochs "
+        "(default), the mean over the last 3 epochs, or the lowest validation loss",
+    )
     tune.add_argument(
         "--val-split",
         type=float,
@@ -316,16 +344,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the training set held out to choose on (default 0.1, as in SAM)",
     )
     tune.add_argument("--val-split-seed", type=int, default=0, metavar="S", help="default 0")
-    tune.add_argument("--seed", type=int, default=0, help="training seed of the trials (default 0)")
+    tune.add_argument(
+        "--seed", type=int, default=0, help="the first search seed (default 0); see --final-seeds"
+    )
     tune.add_argument(
         "--final-seeds",
         type=int,
         default=0,
         metavar="K",
-        help="train each optimizer's best configuration with K new seeds and report its test "
-        "accuracy at the validation-selected epoch (default 0)",
+        help="train each optimizer's chosen configuration with the same K new seeds "
+        "(SEED+S ... SEED+S+K-1) and report its test accuracy at the validation-selected epoch "
+        "(default 0)",
     )
-    tune.add_argument("--baseline", metavar="OPTIMIZER", help="Welch p-values against it")
+    tune.add_argument(
+        "--baseline",
+        metavar="OPTIMIZER",
+        help="compare every optimizer's final runs with this one's, paired by seed",
+    )
+    tune.add_argument(
+        "--margin",
+        type=float,
+        default=1.0,
+        metavar="PP",
+        help="equivalence margin for --baseline, in percentage points (default 1.0)",
+    )
     tune.add_argument(
         "--workers", type=int, default=1, help="trials trained at once by this command"
     )
@@ -336,25 +378,31 @@ def build_parser() -> argparse.ArgumentParser:
         "postgresql://USER:PASSWORD@HOST/DB, mysql://..., or journal:PATH",
     )
     tune.add_argument(
-        "--pruner",
-        choices=("asha", "median", "none"),
-        default="asha",
-        help="asynchronous successive halving (default), median, or none",
-    )
-    tune.add_argument(
-        "--min-epochs",
-        type=int,
-        metavar="R",
-        help="epochs before the first pruning decision (default: max(1, epochs // 27))",
-    )
-    tune.add_argument(
         "--heartbeat",
         type=int,
         default=60,
         metavar="SECONDS",
-        help="a running trial's worker reports every SECONDS; a trial silent for twice that "
-        "goes back to the queue and continues from its checkpoint (default 60)",
+        help="a worker records that its trial lives every SECONDS and requeues trials silent "
+        "for twice that; they continue from their checkpoints (default 60)",
     )
+    tune.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="a trial that raises an error is queued again up to N times (default 2)",
+    )
+    tune.add_argument(
+        "--progress",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="at most one progress line per SECONDS while trials train (default 30; 0: every "
+        "epoch)",
+    )
+    # Removed with pruning (every configuration now trains in full): --pruner none is accepted.
+    tune.add_argument("--pruner", help=argparse.SUPPRESS)
+    tune.add_argument("--min-epochs", help=argparse.SUPPRESS)
     tune.add_argument("train_args", nargs="*", metavar="-- TRAIN_ARGS", help="aace train arguments")
 
     commands.add_parser("presets", help="list the presets")
@@ -425,9 +473,24 @@ _TUNE_OWNED = ("optimizer", "seed", "out", "resume", "val_split", "val_split_see
 _TUNE_SEARCHABLE = ("rho", "lr", "weight_decay", "label_smoothing")
 
 
+def tune_scores() -> tuple[str, ...]:
+    from aace.training.tune.scoring import SCORES
+
+    return SCORES
+
+
 def _tune(args: argparse.Namespace) -> int:
     from aace.training import tune
 
+    if args.pruner not in (None, "none") or args.min_epochs is not None:
+        flag = "--pruner" if args.pruner not in (None, "none") else "--min-epochs"
+        raise ConfigError(
+            f"{flag}: pruning was removed from aace tune (it ranked radii after one epoch at "
+            "peak learning rate and chose among the few trials it let finish); every "
+            "configuration now trains in full: use --trials for fewer points"
+        )
+    if args.pruner == "none":
+        print("aace tune: --pruner none is the only behaviour now; drop the flag", file=sys.stderr)
     train_args = _train_args_after_dashes("tune", args.train_args)
     if isinstance(train_args, int):
         return train_args
@@ -456,16 +519,19 @@ def _tune(args: argparse.Namespace) -> int:
         spaces=spaces,
         base=base,
         trials=args.trials,
+        search_seeds=args.search_seeds,
+        score=args.score,
         val_split=args.val_split,
         val_split_seed=args.val_split_seed,
         seed=args.seed,
         final_seeds=args.final_seeds,
-        pruner=args.pruner,
-        min_epochs=args.min_epochs,
         storage=args.storage,
         workers=args.workers,
         heartbeat=args.heartbeat,
+        retries=args.retries,
         baseline=args.baseline,
+        margin=args.margin,
+        progress=args.progress,
     )
     tune.run_tune(spec, log=lambda line: print(line, flush=True))
     out = Path(args.out)
@@ -563,9 +629,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt as error:
-        return _fail(on_all_ranks(error), "interrupted", 130, debug=False, prefix="aace: ")
+        return _fail(
+            on_all_ranks(error), "interrupted", EXIT_INTERRUPTED, debug=False, prefix="aace: "
+        )
     except Preempted as error:
-        return _fail(error, str(error), EXIT_PREEMPTED, args.debug, prefix="aace: ")
+        status = EXIT_INTERRUPTED if error.signum == signal.SIGINT else EXIT_PREEMPTED
+        return _fail(error, str(error), status, args.debug, prefix="aace: ")
     except NonFiniteError as error:
         return _fail(error, str(error), EXIT_NONFINITE, args.debug)
     except RuntimeError as error:

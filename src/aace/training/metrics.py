@@ -165,6 +165,7 @@ class EpochSums:
             val_count = max(v["val_count"], 1)
             row["val_loss"] = v["val_loss"] / val_count
             row["val_acc"] = v["val_correct"] / val_count  # against the labels (noisy or not)
+            row["val_count"] = round(v["val_count"])  # what one image is worth: 1 / val_count
             if noisy:
                 row["val_acc_clean"] = v["val_clean_correct"] / val_count  # the true labels
         if is_sam and self.sam_steps_taken:

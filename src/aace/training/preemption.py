@@ -26,12 +26,14 @@ import torch.distributed as dist
 from aace.training.distributed import Distributed
 
 __all__ = [
-    "EXIT_PREEMPTED", "Preempted", "StopRequest", "defer_signals", "defer_sigterm",
-    "deferred_signal",
+    "EXIT_INTERRUPTED", "EXIT_PREEMPTED", "Preempted", "StopRequest", "defer_signals",
+    "defer_sigterm", "deferred_signal",
 ]  # fmt: skip
 
 # EX_TEMPFAIL of sysexits.h: "a temporary failure; the user is invited to retry".
 EXIT_PREEMPTED = 75
+# The shell's status for a process ended by SIGINT (Ctrl-C): a run stopped by it exits so.
+EXIT_INTERRUPTED = 130
 
 
 # Stop signals received while only deferred (before a run's StopRequest was active).
@@ -75,9 +77,7 @@ class StopRequest:
     instead of killing the process. Handlers are installed only from the main thread (Python's
     rule); elsewhere :meth:`request` is the only way to ask."""
 
-    def __init__(
-        self, context: Distributed, signals: tuple[int, ...] = (signal.SIGTERM,)
-    ) -> None:
+    def __init__(self, context: Distributed, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
         self.context = context
         self.signals = signals
         self.requested: int | None = None  # the number of the signal that asked
