@@ -473,6 +473,7 @@ def _plot(spec: TuneSpec, result: dict[str, Any], path: Path) -> None:
     unit = "%" if scale == 100 else "validation loss"
     ax.set_ylabel(f"{spec.score} ({unit}), mean ± SE over {spec.search_seeds} seed(s)")
     ax.set_title(f"aace tune: every configuration at {spec.epochs} epochs (★ chosen)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -31,7 +31,7 @@ from aace.training.tune.spec import TuneSpec
 
 __all__ = [
     "ATTEMPT", "ERROR", "HEARTBEAT", "JOURNAL", "PARAMS", "RETRY_OF", "RUNS", "SKIPPED",
-    "Heartbeat", "open_storage", "open_studies",
+    "Heartbeat", "finished_trial_error", "open_storage", "open_studies",
     "requeue", "requeue_stale",
 ]  # fmt: skip
 
@@ -116,6 +116,15 @@ def open_studies(spec: TuneSpec, storage: Any, create: bool) -> dict[str, Any]:
     return studies
 
 
+def finished_trial_error() -> type[Exception]:
+    """The error a storage raises when a finished trial is updated: Optuna's
+    ``UpdateFinishedTrialError`` (a ``RuntimeError``), or ``RuntimeError`` in Optuna versions
+    before it existed (4.0 has none)."""
+    import optuna.exceptions
+
+    return getattr(optuna.exceptions, "UpdateFinishedTrialError", RuntimeError)
+
+
 def trial_id(storage: Any, study: Any, number: int) -> int:
     """The storage's id of trial ``number`` of ``study``."""
     return storage.get_trial_id_from_study_id_trial_number(
@@ -134,9 +143,9 @@ def requeue_stale(storage: Any, study: Any, grace: float) -> list[int]:
     """Fail and requeue the running trials of ``study`` whose worker has not beaten for
     ``grace`` seconds (or, never having beaten, started that long ago); the numbers of the
     trials this call requeued. A trial another worker failed first is left to it."""
-    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
+    finished = finished_trial_error()
     now, requeued = time.time(), []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         beat = trial.system_attrs.get(HEARTBEAT)
@@ -148,7 +157,7 @@ def requeue_stale(storage: Any, study: Any, grace: float) -> list[int]:
             failed = storage.set_trial_state_values(
                 trial_id(storage, study, trial.number), TrialState.FAIL
             )
-        except UpdateFinishedTrialError:
+        except finished:
             continue
         if failed:
             requeue(study, trial, trial.user_attrs.get(ATTEMPT, 0))

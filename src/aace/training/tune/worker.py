@@ -46,6 +46,7 @@ from aace.training.tune.storage import (
     RUNS,
     SKIPPED,
     Heartbeat,
+    finished_trial_error,
     open_storage,
     open_studies,
     requeue,
@@ -253,9 +254,9 @@ def _frozen(study: Any, number: int) -> Any:
 def _run_one(spec: TuneSpec, studies: dict, name: str, optimizer: str, heartbeat: Heartbeat,
              progress: _Progress, log: Callable[[str], None]) -> None:  # fmt: skip
     """Ask the study for a trial, train it, tell the result."""
-    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
+    finished = finished_trial_error()
     study = studies[name]
     trial = study.ask()
     budget = spec.final_seeds if name.endswith(FINAL) else spec.budget(optimizer)
@@ -275,7 +276,7 @@ def _run_one(spec: TuneSpec, studies: dict, name: str, optimizer: str, heartbeat
         runs = _train_trial(spec, name, optimizer, params, seeds, progress)
     except Preempted:
         heartbeat.beat(None, None)
-        with contextlib.suppress(UpdateFinishedTrialError):
+        with contextlib.suppress(finished):
             study.tell(trial, state=TrialState.FAIL)
             requeue(study, _frozen(study, trial.number), attrs.get(ATTEMPT, 0))
         raise
@@ -283,7 +284,7 @@ def _run_one(spec: TuneSpec, studies: dict, name: str, optimizer: str, heartbeat
         heartbeat.beat(None, None)
         attempt = attrs.get(ATTEMPT, 0)
         trial.set_user_attr(ERROR, _first_line(error))
-        with contextlib.suppress(UpdateFinishedTrialError):
+        with contextlib.suppress(finished):
             study.tell(trial, state=TrialState.FAIL)
             again = attempt < spec.retries
             if again:
@@ -298,7 +299,7 @@ def _run_one(spec: TuneSpec, studies: dict, name: str, optimizer: str, heartbeat
     trial.set_user_attr(RUNS, runs)
     try:
         study.tell(trial, value)
-    except UpdateFinishedTrialError:  # failed as stale meanwhile: its retry finds the runs done
+    except finished:  # failed as stale meanwhile: its retry finds the runs done
         log(f"[{name}] trial {trial.number}: taken over by another worker (heartbeat missed)")
         return
     diverged = sum(r["diverged"] for r in runs)
