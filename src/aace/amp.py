@@ -24,7 +24,7 @@ perturbation without updating)::
     if unscale_(scaler, opt, loss, sam_pass="perturbation").item():  # host sync
         opt.zero_grad(set_to_none=True); scaler.update(); continue
     opt.first_step(zero_grad=True)                   # e from the unscaled gradient
-    with frozen_batchnorm_stats(model), torch.autocast("cuda", dtype=torch.float16):
+    with frozen_running_stats(model), torch.autocast("cuda", dtype=torch.float16):
         loss = F.cross_entropy(model(x), y)
     scaler.scale(loss).backward()
     if unscale_(scaler, opt, loss, sam_pass="update").item():

@@ -29,7 +29,7 @@ What :func:`sam_step` does, in order:
 2. ``optimizer.step(closure)`` through Lightning's ``LightningOptimizer``, so that the precision
    plugin, the ``on_before_optimizer_step`` hooks and ``trainer.global_step`` see one step;
    :meth:`aace.sam.SAM.step` moves w to w + e, calls the closure (the update pass
-   ``update_loss(module(x), y)`` inside :func:`~aace.batchnorm.frozen_batchnorm_stats`, and
+   ``update_loss(module(x), y)`` inside :func:`~aace.batchnorm.frozen_running_stats`, and
    ``manual_backward``, all-reduced under DDP), restores w and steps the base optimizer.
 
 Precision: ``"32-true"``, ``"64-true"``, ``"bf16-mixed"`` and ``"bf16-true"`` (autocast covers
@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from aace.batchnorm import frozen_batchnorm_stats
+from aace.batchnorm import frozen_running_stats
 from aace.integrations import require
 from aace.losses import aace_loss
 from aace.sam import SAM
@@ -154,7 +154,7 @@ def sam_step(
         module.manual_backward(first_loss)
 
     def update_pass() -> torch.Tensor:
-        with frozen_batchnorm_stats(module):
+        with frozen_running_stats(module):
             loss = update_loss(module(x), y)
         module.manual_backward(loss)
         return loss.detach()
