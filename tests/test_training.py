@@ -350,3 +350,19 @@ def test_train_step_clears_gradients_left_in_grad(npz_path, tmp_path):
         TrainStep(model, build_optimizer(model, config), config, torch.device("cpu"))(x, y)
     for a, b in zip(clean.parameters(), dirty.parameters()):
         assert torch.equal(a, b)
+
+
+def test_perturbation_weight_decay_flag_reaches_the_optimizer(npz_path, tmp_path):
+    from aace.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["train", "--optimizer", "sam", "--perturbation-weight-decay", "5e-4"]
+    )
+    config = config_from_args(args)
+    assert config.perturbation_weight_decay == 5e-4
+    model = _instance_norm_net()
+    assert build_optimizer(model, config).param_groups[0]["perturbation_weight_decay"] == 5e-4
+    with pytest.raises(ConfigError, match=r"--perturbation-weight-decay: got -1\.0; expected"):
+        tiny_config(npz_path, tmp_path, perturbation_weight_decay=-1.0).validate()
+    with pytest.raises(ConfigError, match="0 with --optimizer sgd"):
+        tiny_config(npz_path, tmp_path, optimizer="sgd", perturbation_weight_decay=0.1).validate()

@@ -94,6 +94,7 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimize
         rho=config.resolved_rho,
         perturbation=rule,
         adaptive=adaptive,
+        perturbation_weight_decay=config.perturbation_weight_decay,
         track_stats=True,
         **hyper,
     )
