@@ -189,3 +189,20 @@ def test_an_exception_in_the_block_still_restores_and_propagates():
     for name, value in model.named_buffers():
         assert torch.equal(value, before[name])
     assert model[1].track_running_stats
+
+
+def test_buffers_made_in_inference_mode_and_shared_buffers_are_handled():
+    torch.manual_seed(0)
+    model = conv_net(instance_norm).train()
+    with torch.inference_mode():
+        table = torch.arange(3.0)
+    model.register_buffer("table", table)  # no version counter
+    model[5].register_buffer("shared", model[1].running_mean)  # one tensor, two modules
+    x = torch.randn(6, 3, 4, 4)
+    for _ in range(2):
+        model(x)
+        before = buffers(model)
+        with frozen_running_stats(model):
+            model(x + 1)
+        for name, value in model.named_buffers():
+            assert torch.equal(value, before[name]), name

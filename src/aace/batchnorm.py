@@ -97,7 +97,9 @@ def frozen_running_stats(model: nn.Module) -> Iterator[nn.Module]:
             frozen.append(module)
             continue
         for name, tensor in module._buffers.items():
-            if tensor is None or id(tensor) in seen_ids:  # a buffer shared by two modules
+            # A buffer shared by two modules is watched once; an inference tensor has no
+            # version counter and cannot be written in place outside inference mode.
+            if tensor is None or id(tensor) in seen_ids or tensor.is_inference():
                 continue
             seen_ids.add(id(tensor))
             key = f"{module_name}.{name}" if module_name else name
