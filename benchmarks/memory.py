@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aace import SAM, aace_loss, frozen_batchnorm_stats
+from aace import SAM, aace_loss, frozen_running_stats
 from aace.models import create_model
 
 NUM_CLASSES = 10
@@ -100,7 +100,7 @@ def build(
     def sam_step() -> None:
         first_loss(model(x), y).backward()
         sam.first_step(zero_grad=True)
-        with frozen_batchnorm_stats(model):
+        with frozen_running_stats(model):
             F.cross_entropy(model(x), y).backward()
         sam.second_step(zero_grad=True)
 

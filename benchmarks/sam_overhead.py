@@ -13,13 +13,17 @@ optimizer's own bookkeeping is as large a share of the step as it gets (a 14-lay
   cost a SAM step is measured against (a SAM step takes two forward-backward passes too).
 * ``SAM+AACE``: ``aace.SAM(perturbation="aace", rho=0.2)``: ``aace_loss`` forward-backward,
   ``first_step(zero_grad=True)``, cross-entropy forward-backward under
-  ``frozen_batchnorm_stats``, ``second_step(zero_grad=True)``; the statistics off (``aace.SAM``'s
+  ``frozen_running_stats``, ``second_step(zero_grad=True)``; the statistics off (``aace.SAM``'s
   default), and with ``--track-stats`` a second variant with them on, as ``aace train`` runs it.
 * ``--shared-model``: every variant steps the same model object, so all variants compute on the
   same weights; without it each variant has its own copy, whose weights (and so, on a CPU,
   possibly its speed: subnormal numbers) follow that variant's own trajectory.
 * ``LoopSAM``: the same passes with ``benchmarks/sam_step.py``'s ``LoopSAM``, the per-parameter
   loop of the widely copied reference code (clone every parameter, ``p.data`` swapped back).
+* ``--batchnorm-only``: also ``SAM+AACE (BN flag only)``, the SAM+AACE step with its second pass
+  under the former context manager, which switched BatchNorm's ``track_running_stats`` off and
+  did nothing for other buffers; ``SAM+AACE / SAM+AACE (BN flag only)`` is then the cost of
+  ``frozen_running_stats`` watching every buffer (on this BatchNorm-only model it copies none).
 
 Each round steps every variant once, in an order that rotates from round to round; a run's figure
 for a variant is the median over ``--repeats`` rounds (after ``--warmup``). ``--runs`` runs are
@@ -32,7 +36,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import _common
@@ -40,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from sam_step import RHO, SGD_KWARGS, LoopSAM, cnn13
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from aace import SAM, aace_loss, frozen_batchnorm_stats
+from aace import SAM, aace_loss, frozen_running_stats
 
 BATCH, SIZE, CONVOLUTIONS = 64, 16, 13
 
@@ -56,13 +62,34 @@ def sgd_twice(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
 def sam_step(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
     aace_loss(model(x), y).backward()
     opt.first_step(zero_grad=True)
-    with frozen_batchnorm_stats(model):
+    with frozen_running_stats(model):
+        F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+
+@contextmanager
+def batchnorm_flag_only(model: nn.Module) -> Iterator[None]:
+    """The former ``frozen_batchnorm_stats``: BatchNorm's flag off, other buffers left alone."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    for layer in layers:
+        layer.track_running_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.track_running_stats = True
+
+
+def sam_step_batchnorm_only(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
+    aace_loss(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with batchnorm_flag_only(model):
         F.cross_entropy(model(x), y).backward()
     opt.second_step(zero_grad=True)
 
 
 def build(
-    track_stats: bool, shared_model: bool
+    track_stats: bool, shared_model: bool, batchnorm_only: bool = False
 ) -> dict[str, tuple[nn.Module, Any, Callable[..., None]]]:
     torch.manual_seed(0)
     base = cnn13(convolutions=CONVOLUTIONS).train()
@@ -84,6 +111,10 @@ def build(
             **SGD_KWARGS,
         )
         variants["SAM+AACE (stats)"] = (model, opt, sam_step)
+    if batchnorm_only:
+        model = base if shared_model else copy.deepcopy(base)
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, perturbation="aace", **SGD_KWARGS)
+        variants["SAM+AACE (BN flag only)"] = (model, opt, sam_step_batchnorm_only)
     model = base if shared_model else copy.deepcopy(base)
     variants["LoopSAM"] = (
         model,
@@ -116,6 +147,12 @@ def main(argv: list[str] | None = None) -> None:
         help="also time SAM+AACE with its statistics on, as aace train runs it",
     )
     parser.add_argument(
+        "--batchnorm-only",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also time SAM+AACE with the former BatchNorm-only context manager",
+    )
+    parser.add_argument(
         "--shared-model",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -129,9 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     device = _common.setup(parser, args)
     if device.type != "cpu":
         parser.error("this harness times the CPU step; got --device " + args.device)
-    variants = build(args.track_stats, args.shared_model)
+    variants = build(args.track_stats, args.shared_model, args.batchnorm_only)
     names = list(variants)
-    sam_names = [n for n in names if n.startswith("SAM")]
+    sam_names = [n for n in names if n.startswith("SAM") and "flag only" not in n]
     references = ["SGD x2", "LoopSAM"]
     model = variants["SGD x2"][0]
     tensors = len(list(model.parameters()))
@@ -146,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
         for sam in sam_names
         for ref in references
     }
+    if args.batchnorm_only:
+        key, ref = "SAM+AACE / SAM+AACE (BN flag only)", "SAM+AACE (BN flag only)"
+        ratios[key] = [r["median_step_s"]["SAM+AACE"] / r["median_step_s"][ref] for r in rows]
     summary = {
         key: {"median": statistics.median(v), "min": min(v), "max": max(v), "n_runs": len(v)}
         for key, v in ratios.items()
@@ -185,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             convolutions=CONVOLUTIONS,
             threads=torch.get_num_threads(),
             shared_model=args.shared_model,
+            batchnorm_only=args.batchnorm_only,
         ),
         extra={"ratios": ratios, "summary": summary},
         notes=notes,

@@ -33,7 +33,7 @@ lr 0.1, momentum 0.9, weight decay 5e-4 as the base), all on the same random CIF
 * ``LoopSAM``: :class:`LoopSAM` below, a plain per-parameter loop in the style of the widely
   used davda54/sam implementation, rho 0.05, cross-entropy perturbation.
 
-Every SAM variant runs its second forward pass under ``frozen_batchnorm_stats``. With
+Every SAM variant runs its second forward pass under ``frozen_running_stats``. With
 ``--amp bf16`` each forward pass and its loss run under autocast, as in ``aace train``. A SAM step
 costs two forward-backward passes, so ``SAM+AACE / (2 x SGD)`` near 1 means the optimizer's own
 work (norm, perturbation, saving and restoring the weights) is negligible.
@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aace import SAM, aace_loss, frozen_batchnorm_stats
+from aace import SAM, aace_loss, frozen_running_stats
 from aace.models import create_model
 
 NUM_CLASSES = 10
@@ -224,7 +224,7 @@ def _sam_step(
     """The documented two-pass SAM step; ``phase_done(name)`` is called after each phase.
 
     ``forward`` is ``model`` or its compiled wrapper; the BatchNorm flags that
-    ``frozen_batchnorm_stats`` flips are the model's own either way.
+    ``frozen_running_stats`` flips are the model's own either way.
     """
 
     def step() -> None:
@@ -234,7 +234,7 @@ def _sam_step(
         phase_done("first pass (forward + backward)")
         opt.first_step(zero_grad=True)
         phase_done("SAM.first_step")
-        with frozen_batchnorm_stats(model), autocast():
+        with frozen_running_stats(model), autocast():
             loss = F.cross_entropy(forward(x), y)
         loss.backward()
         phase_done("second pass (forward + backward)")
@@ -723,7 +723,7 @@ def write_blocks(
         "SGD: one forward-backward + `opt.step()`. SAM: rho 0.05, CE perturbation. SAM+AACE: "
         'rho 0.2, `perturbation="aace"`, AACE loss in the first pass. LoopSAM: per-parameter '
         "loop in the style of davda54/sam (rho 0.05, CE). All SAM variants use "
-        "`frozen_batchnorm_stats` in the second pass; base optimizer SGD(lr 0.1, momentum 0.9, "
+        "`frozen_running_stats` in the second pass; base optimizer SGD(lr 0.1, momentum 0.9, "
         "weight decay 5e-4); random data, 10 classes. Settings: fp32/bf16 = no autocast / "
         "bf16 autocast of the forward passes and losses; compile = `torch.compile(model)` "
         "(default mode) per variant; channels-last = model and batch in `torch.channels_last`. "

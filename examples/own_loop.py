@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from aace import SAM, aace_loss, frozen_batchnorm_stats
+from aace import SAM, aace_loss, frozen_running_stats
 
 
 def data():
@@ -53,7 +53,7 @@ def train(method: str, epochs: int = 15, seed: int = 0) -> float:
             perturbation_loss = aace_loss if method == "sam-aace" else F.cross_entropy
             perturbation_loss(net(x), y).backward()
             opt.first_step(zero_grad=True)  # <- w -> w + e
-            with frozen_batchnorm_stats(net):
+            with frozen_running_stats(net):
                 F.cross_entropy(net(x), y).backward()
             opt.second_step(zero_grad=True)  # <- back to w, then the SGD update
     net.eval()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from own_loop import data, model
 
-from aace import SAM, aace_loss, frozen_batchnorm_stats
+from aace import SAM, aace_loss, frozen_running_stats
 from aace.schedule import SAMSchedule, squared_grad_norm
 
 
@@ -31,7 +31,7 @@ def train(schedule: SAMSchedule, epochs: int = 15, seed: int = 0) -> tuple[float
                 aace_loss(net(x), y).backward()
                 schedule.observe(squared_grad_norm(net.parameters()))  # <- adaptive rule only
                 opt.first_step(zero_grad=True)
-                with frozen_batchnorm_stats(net):
+                with frozen_running_stats(net):
                     F.cross_entropy(net(x), y).backward()
                 opt.second_step(zero_grad=True)
             else:

@@ -440,6 +440,53 @@ def test_interpolation_reaches_both_models_exactly_including_batchnorm_statistic
     assert from_state_dict.losses[5] == pytest.approx(expected[0], rel=1e-12)  # alpha = 0
 
 
+def _initial_and_trained_bn_models():
+    """An initial BN model (running variance 1) and a trained one (running variances 0.12-0.18,
+    as in the public report of NaN landscapes), both in eval mode."""
+    initial, trained = _bn_model().eval(), _bn_model().eval()
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+        trained[1].running_var.copy_(torch.linspace(0.12, 0.18, 5, dtype=torch.float64))
+        trained[1].running_mean.normal_()
+    return initial, trained
+
+
+def test_interpolation_of_batchnorm_models_holds_statistics_beyond_the_two_models():
+    initial, trained = _initial_and_trained_bn_models()
+    batches = _data()
+    curve = interpolation(initial, F.cross_entropy, batches, trained)  # the default grid
+    assert np.isfinite(curve.losses).all()
+    # Independently: at alpha = 1.5 the parameters extrapolated, the buffers those of `trained`;
+    # at alpha = -0.5 those of `initial`; at 0.25 both interpolated.
+    a, b = initial.state_dict(), trained.state_dict()
+    params = {name for name, _ in initial.named_parameters()}
+    for index, alpha, held in [(20, 1.5, 1.0), (0, -0.5, 0.0), (7, 0.2, 0.2)]:
+        assert curve.coordinates[0][index] == pytest.approx(alpha)
+        expected_model = _bn_model().eval()
+        expected_model.load_state_dict(
+            {
+                k: a[k] + (alpha if k in params else held) * (b[k] - a[k])
+                if a[k].is_floating_point()
+                else a[k]
+                for k in a
+            }
+        )
+        assert curve.losses[index] == pytest.approx(_loss(expected_model, batches), rel=1e-12)
+
+
+def test_random_landscapes_of_a_batchnorm_model_are_finite_over_the_default_grid():
+    _, trained = _initial_and_trained_bn_models()
+    batches = _data()
+    for mode in ("eval", "train"):
+        getattr(trained, mode)()
+        line = random_line(trained, F.cross_entropy, batches)
+        plane = random_plane(trained, F.cross_entropy, batches)
+        assert line.losses.shape == (21,) and plane.losses.shape == (21, 21)
+        assert np.isfinite(line.losses).all() and np.isfinite(plane.losses).all()
+
+
 def test_plots_are_written(tmp_path):
     model, batches = _mlp(), _data()
     plane = random_plane(model, F.cross_entropy, batches, steps=3)

@@ -432,3 +432,78 @@ def test_tracked_cosine_in_float32_matches_the_direct_formula():
         previous = e
         F.cross_entropy(model(x), y).backward()
         opt.second_step(zero_grad=True)
+
+
+def regularized_perturbation(model, x, y, loss_fn, rho, wd, sign, adaptive):
+    """google-research/sam's direction, computed independently in float64: the gradient of the
+    regularized loss (loss_fn + sign * wd/2 ||w||^2; sign -1 for the AACE rules, whose e
+    descends their loss), e = sign * rho * T^2 G / ||T G|| (their dual_vector, T = 1 there)."""
+    params = list(model.parameters())
+    penalty = sum((p * p).sum() for p in params) * wd / 2
+    (loss_fn(model(x), y) + sign * penalty).backward()
+    grad = torch.cat([p.grad.flatten() for p in params])
+    model.zero_grad(set_to_none=True)
+    operator = asam_operator(params) if adaptive else torch.ones_like(grad)
+    return sign * rho * operator**2 * grad / (operator * grad).norm()
+
+
+@pytest.mark.parametrize("rule", ["sam", "aace-normalized"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturbation_weight_decay_follows_the_regularized_gradient(rule, adaptive):
+    wd, rho, lr = 0.3, 0.2, 0.1
+    loss_fn = F.cross_entropy if rule == "sam" else aace_loss
+    sign = 1.0 if rule == "sam" else -1.0
+    model, x, y = tiny_problem()
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    expected_e = regularized_perturbation(model, x, y, loss_fn, rho, wd, sign, adaptive)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=rho, perturbation=rule, adaptive=adaptive,
+              perturbation_weight_decay=wd, lr=lr, weight_decay=wd)  # fmt: skip
+    loss_fn(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    got_e = torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+    torch.testing.assert_close(got_e, expected_e, rtol=1e-10, atol=1e-14)
+    # The update: the loss's gradient at w + e, then SGD's weight decay at w.
+    F.cross_entropy(model(x), y).backward()
+    update_grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    opt.second_step(zero_grad=True)
+    got = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, start - lr * (update_grad + wd * start), rtol=1e-12, atol=1e-14)
+
+
+def test_perturbation_weight_decay_changes_the_direction_and_zero_is_the_default():
+    model, x, y = tiny_problem()
+    start = torch.cat([p.detach().flatten() for p in model.parameters()])
+    decayed = regularized_perturbation(model, x, y, F.cross_entropy, 0.2, 0.3, 1.0, False)
+    plain = regularized_perturbation(model, x, y, F.cross_entropy, 0.2, 0.0, 1.0, False)
+    assert F.cosine_similarity(decayed, plain, dim=0) < 0.99  # the option matters here
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, weight_decay=0.3)
+    assert opt.param_groups[0]["perturbation_weight_decay"] == 0.0
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    got = torch.cat([p.detach().flatten() for p in model.parameters()]) - start
+    torch.testing.assert_close(got, plain, rtol=1e-10, atol=1e-14)
+
+
+def test_perturbation_weight_decay_is_a_group_option_and_keeps_grad_untouched():
+    model, x, y = tiny_problem()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = SAM([{"params": first}, {"params": second, "perturbation_weight_decay": 0.0}],
+              torch.optim.SGD, rho=0.2, perturbation="aace", perturbation_weight_decay=0.5,
+              lr=0.1)  # fmt: skip
+    aace_loss(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    for p, w, g in zip(first, start[:2], grads[:2]):
+        torch.testing.assert_close(p.detach() - w, -0.2 * (g - 0.5 * w), rtol=1e-12, atol=1e-15)
+    for p, w, g in zip(second, start[2:], grads[2:]):
+        torch.testing.assert_close(p.detach() - w, -0.2 * g, rtol=1e-12, atol=1e-15)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf"), True, "0.1"])
+def test_perturbation_weight_decay_out_of_range_names_the_value(value):
+    model, _, _ = tiny_problem()
+    with pytest.raises(ValueError, match=r"perturbation_weight_decay must be a finite number >= 0"):
+        SAM(model.parameters(), torch.optim.SGD, perturbation_weight_decay=value, lr=0.1)

@@ -312,3 +312,57 @@ def test_update_pass_skip_restores_weights(npz_path, tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key  # BatchNorm statistics included
     assert optimizer.base_optimizer.state_dict()["state"] == {}
+
+
+def _instance_norm_net():
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4),
+    )  # fmt: skip
+
+
+def test_train_step_keeps_instance_norm_statistics_of_the_first_pass(npz_path, tmp_path):
+    config = tiny_config(npz_path, tmp_path, optimizer="sam-aace", rho=0.5)
+    torch.manual_seed(0)
+    model = _instance_norm_net()
+    reference = _instance_norm_net()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    TrainStep(model, build_optimizer(model, config), config, torch.device("cpu"))(x, y)
+    reference(x)  # the first pass alone, at the same w
+    norm, expected = model[1], reference[1]
+    assert torch.equal(norm.running_mean, expected.running_mean)
+    assert torch.equal(norm.running_var, expected.running_var)
+    assert torch.equal(norm.num_batches_tracked, expected.num_batches_tracked)
+
+
+def test_train_step_clears_gradients_left_in_grad(npz_path, tmp_path):
+    config = tiny_config(npz_path, tmp_path, optimizer="sam", rho=0.2)
+    torch.manual_seed(0)
+    clean, dirty = _instance_norm_net(), _instance_norm_net()
+    dirty.load_state_dict(clean.state_dict())
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+    for p in dirty.parameters():
+        p.grad = torch.full_like(p, 100.0)  # e.g. a backward of the caller's own
+    for model in (clean, dirty):
+        TrainStep(model, build_optimizer(model, config), config, torch.device("cpu"))(x, y)
+    for a, b in zip(clean.parameters(), dirty.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_perturbation_weight_decay_flag_reaches_the_optimizer(npz_path, tmp_path):
+    from aace.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["train", "--optimizer", "sam", "--perturbation-weight-decay", "5e-4"]
+    )
+    config = config_from_args(args)
+    assert config.perturbation_weight_decay == 5e-4
+    model = _instance_norm_net()
+    assert build_optimizer(model, config).param_groups[0]["perturbation_weight_decay"] == 5e-4
+    with pytest.raises(ConfigError, match=r"--perturbation-weight-decay: got -1\.0; expected"):
+        tiny_config(npz_path, tmp_path, perturbation_weight_decay=-1.0).validate()
+    with pytest.raises(ConfigError, match="0 with --optimizer sgd"):
+        tiny_config(npz_path, tmp_path, optimizer="sgd", perturbation_weight_decay=0.1).validate()

@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from aace.batchnorm import frozen_batchnorm_stats
+from aace.batchnorm import frozen_batchnorm_stats, frozen_running_stats
 from aace.losses import AACE_MODES, BISAM_BOUNDS, AACELoss, BiSAMLoss, aace_loss, bisam_loss
 from aace.sam import PERTURBATIONS, SAM
 
@@ -22,4 +22,5 @@ __all__ = [
     "aace_loss",
     "bisam_loss",
     "frozen_batchnorm_stats",
+    "frozen_running_stats",
 ]

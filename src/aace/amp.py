@@ -24,7 +24,7 @@ perturbation without updating)::
     if unscale_(scaler, opt, loss, sam_pass="perturbation").item():  # host sync
         opt.zero_grad(set_to_none=True); scaler.update(); continue
     opt.first_step(zero_grad=True)                   # e from the unscaled gradient
-    with frozen_batchnorm_stats(model), torch.autocast("cuda", dtype=torch.float16):
+    with frozen_running_stats(model), torch.autocast("cuda", dtype=torch.float16):
         loss = F.cross_entropy(model(x), y)
     scaler.scale(loss).backward()
     if unscale_(scaler, opt, loss, sam_pass="update").item():
@@ -34,11 +34,20 @@ perturbation without updating)::
 
 Reading the verdict (``.item()``) is a host synchronization, one per pass: the price of deciding
 on the host whether to take ``first_step``, which ``scaler.step`` pays too.
+
+**Misuse is caught before the weights move.** ``scaler.unscale_(opt)`` on the SAM optimizer in the
+perturbation pass, next to this function, would divide the gradients by the scale twice and
+perturb with them. Before or after :func:`unscale_` of that pass, ``unscale_`` (before) or
+``first_step`` (after) raises, with the weights still at w. ``scaler.unscale_(opt)`` alone in the
+perturbation pass (a correct perturbation, but the update pass's record is then taken) is found by
+the update pass's :func:`unscale_`, which puts the weights back at w (``opt.restore()``) before
+raising.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.amp.grad_scaler import OptState
 
 from aace.sam import SAM
 
@@ -73,7 +82,9 @@ def unscale_(
     Raises:
         ValueError: ``scaler`` is not an enabled ``GradScaler``; ``sam_pass`` is missing or
             unknown for a SAM optimizer, or given for another optimizer; the gradients lie on
-            more than one device.
+            more than one device; ``scaler.unscale_(optimizer)`` was already called on the SAM
+            optimizer in this step (see the module documentation: the update pass then restores
+            the weights to w before raising).
     """
     if not isinstance(scaler, torch.amp.GradScaler) or not scaler.is_enabled():
         raise ValueError(f"scaler must be an enabled torch.amp.GradScaler, got {scaler!r}")
@@ -82,6 +93,16 @@ def unscale_(
             raise ValueError(
                 f"sam_pass must be one of {', '.join(SAM_PASSES)} for a SAM optimizer, "
                 f"got {sam_pass!r}"
+            )
+        if _unscaled(scaler, optimizer):
+            if sam_pass == "update":
+                optimizer.restore()  # never leave the model at w + e
+            raise ValueError(
+                f"unscale_(sam_pass={sam_pass!r}): scaler.unscale_() was already called on this "
+                "SAM optimizer since the last scaler.update(); a SAM step unscales each pass "
+                "once, with aace.amp.unscale_ alone (sam_pass='perturbation' before first_step, "
+                "'update' before second_step), never with scaler.unscale_(optimizer) as well"
+                + ("; the weights were put back at w" if sam_pass == "update" else "")
             )
         key: torch.optim.Optimizer = (
             optimizer.base_optimizer if sam_pass == "perturbation" else optimizer
@@ -101,4 +122,24 @@ def unscale_(
     found_inf = records[0]
     if loss is not None:
         found_inf.add_((~torch.isfinite(loss.detach())).to(found_inf))
+    if sam_pass == "perturbation":
+        # A scaler.unscale_(optimizer) between here and first_step divides the gradients a second
+        # time; first_step runs this check before moving the weights.
+        optimizer._before_first_step = lambda: _refuse_unscaled_twice(scaler, optimizer)
     return found_inf
+
+
+def _unscaled(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """``scaler.unscale_(optimizer)`` ran since the last ``update()`` (torch has no public
+    accessor for the scaler's per-optimizer stage)."""
+    state = scaler._per_optimizer_states.get(id(optimizer))
+    return state is not None and state["stage"] is OptState.UNSCALED
+
+
+def _refuse_unscaled_twice(scaler: torch.amp.GradScaler, optimizer: SAM) -> None:
+    if _unscaled(scaler, optimizer):
+        raise ValueError(
+            "SAM.first_step: the perturbation pass's gradients were unscaled twice, by "
+            "aace.amp.unscale_(..., sam_pass='perturbation') and by scaler.unscale_(optimizer); "
+            "call only aace.amp.unscale_ in each pass. The weights were not moved (still at w)"
+        )

@@ -115,6 +115,13 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
     add("--weight-decay", type=float, help="default 5e-4 (AdamW's is decoupled: try 0.05)")
     add(
+        "--perturbation-weight-decay",
+        type=float,
+        metavar="WD",
+        help="SAM optimizers: perturb along the gradient of the loss + WD/2 ||w||^2, as "
+        "google-research/sam does with its weight decay (default 0: the loss's gradient alone)",
+    )
+    add(
         "--base-optimizer",
         choices=BASE_OPTIMIZERS,
         help="the optimizer that makes the update, alone (--optimizer sgd) or inside SAM: sgd "

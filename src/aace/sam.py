@@ -35,7 +35,14 @@ PERTURBATIONS = ("sam", "aace", "aace-normalized")
 _NORMALIZED = {"sam": True, "aace": False, "aace-normalized": True}
 _SIGN = {"sam": 1.0, "aace": -1.0, "aace-normalized": -1.0}
 _FOREACH_DEVICES = ("cpu", "cuda", "mps", "xpu")
-_GROUP_OPTIONS = ("rho", "perturbation", "adaptive", "adaptive_eta", "perturbation_eps")
+_GROUP_OPTIONS = (
+    "rho",
+    "perturbation",
+    "adaptive",
+    "adaptive_eta",
+    "perturbation_eps",
+    "perturbation_weight_decay",
+)
 
 
 def _is_number(value: Any) -> bool:
@@ -43,7 +50,12 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_group_options(
-    rho: Any, perturbation: Any, adaptive: Any, adaptive_eta: Any, perturbation_eps: Any
+    rho: Any,
+    perturbation: Any,
+    adaptive: Any,
+    adaptive_eta: Any,
+    perturbation_eps: Any,
+    perturbation_weight_decay: Any,
 ) -> None:
     if not _is_number(rho) or not rho >= 0.0 or rho == float("inf"):
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
@@ -61,6 +73,15 @@ def _check_group_options(
         or perturbation_eps == float("inf")
     ):
         raise ValueError(f"perturbation_eps must be a finite number >= 0, got {perturbation_eps!r}")
+    if (
+        not _is_number(perturbation_weight_decay)
+        or not perturbation_weight_decay >= 0.0
+        or perturbation_weight_decay == float("inf")
+    ):
+        raise ValueError(
+            "perturbation_weight_decay must be a finite number >= 0, "
+            f"got {perturbation_weight_decay!r}"
+        )
 
 
 class SAM(Optimizer):
@@ -81,13 +102,31 @@ class SAM(Optimizer):
             weights, T = I for biases") and their code (SamsungLabs/ASAM, ``rho=0.5``,
             ``eta=0.01``), whose recommended radius (0.5 on CIFAR-10, 1.0 on CIFAR-100)
             belongs to this operator. One difference with their code, which tells weights by
-            the name ``"weight"``: it also scales BatchNorm's weight (ndim 1); here the rule is
-            read from the tensor. To scale or not scale other parameters, put them in a group of
-            their own with ``adaptive`` set as wanted.
+            the name (``"weight" in name``): it also scales the normalization layers' scale
+            gamma (BatchNorm's and LayerNorm's ``weight``, ndim 1), which here gets T = 1 like
+            the bias next to it. The rule is read from the tensor because an optimizer holds
+            tensors, not names, and names differ between libraries for the same role (timm's
+            LayerScale ``gamma`` and ViT's ``pos_embed`` hold no "weight", torchvision's BatchNorm
+            gamma does), so a rule by name would perturb one architecture differently depending
+            on who wrote it; ndim > 1 is the paper's split of weights from biases and
+            normalization parameters for every model. The difference is small: about 2 % in
+            ||e|| on a small BatchNorm network (``test_asam_perturbs_zero_biases_by_the_papers_
+            formula`` pins T = 1 for gamma). A parameter of ndim > 1 that should not be scaled
+            can go into a group of its own with ``adaptive=False``.
         adaptive_eta: ASAM's eta, >= 0 (per-group overridable); with 0, an entry that is exactly
             zero is never perturbed.
         perturbation_eps: added to the gradient norm of the normalized rules, >= 0. Whatever
             its value, a zero gradient gives a zero perturbation (never 0/0).
+        perturbation_weight_decay: lambda >= 0 (per-group overridable; default 0, the
+            perturbation of davda54/sam and SamsungLabs/ASAM). With lambda > 0 the perturbation
+            follows the gradient of the regularized loss, L + lambda/2 ||w||^2, as in
+            google-research/sam (``sam_jax/training_utils/flax_training.py``: the first
+            gradient is that of CE + l2_reg/2 sum ||w||^2): g is replaced by g + lambda w for
+            "sam", and by g - lambda w for the AACE rules, whose e descends their loss, so that
+            every rule's e ascends the regularizer. Set it to the base optimizer's
+            ``weight_decay`` to reproduce that code's direction; the update is unchanged (the
+            base optimizer decays at w, where the reference decays at w + e: a difference of
+            lambda e in the update direction).
         foreach: ``None`` picks the vectorized ``torch._foreach_*`` path for CPU/CUDA/MPS/XPU
             tensors; ``True``/``False`` force it on or off.
         track_stats: after each ``first_step``, keep ``grad_norm`` (||T g||),
@@ -114,9 +153,10 @@ class SAM(Optimizer):
     e = 0. ``step(closure)`` follows the contract described there.
 
     **Parameter groups.** Each group may set its own ``rho``, ``perturbation``, ``adaptive``,
-    ``adaptive_eta`` and ``perturbation_eps``. Groups with ``rho=0`` are not perturbed and do
-    not count in the norm, so perturbing only some layers (e.g. only the normalization layers,
-    SAM-ON, Mueller et al., NeurIPS 2023) gives ||e|| = rho over what is perturbed. The norm
+    ``adaptive_eta``, ``perturbation_eps`` and ``perturbation_weight_decay``. Groups with
+    ``rho=0`` are not perturbed and do not count in the norm, so perturbing only some layers
+    (e.g. only the normalization layers, SAM-ON, Mueller et al., NeurIPS 2023) gives
+    ||e|| = rho over what is perturbed. The norm
     ||T g|| is one global norm over every perturbed parameter (groups with rho > 0), and each
     group scales its part by its own rho: e_G = rho_G T^2 g_G / ||T g||, so groups with
     different non-zero radii share one direction's normalization and ||e|| lies between the
@@ -140,11 +180,14 @@ class SAM(Optimizer):
         perturbation_eps: float = 1e-12,
         *,
         adaptive_eta: float = 0.01,
+        perturbation_weight_decay: float = 0.0,
         foreach: bool | None = None,
         track_stats: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        _check_group_options(rho, perturbation, adaptive, adaptive_eta, perturbation_eps)
+        _check_group_options(
+            rho, perturbation, adaptive, adaptive_eta, perturbation_eps, perturbation_weight_decay
+        )
         if not callable(base_optimizer):
             raise ValueError(
                 f"base_optimizer must be an optimizer class such as torch.optim.SGD, "
@@ -158,6 +201,7 @@ class SAM(Optimizer):
             adaptive=adaptive,
             adaptive_eta=adaptive_eta,
             perturbation_eps=perturbation_eps,
+            perturbation_weight_decay=perturbation_weight_decay,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -182,6 +226,9 @@ class SAM(Optimizer):
         self._perturbed: list[tuple[list[torch.Tensor], list[torch.Tensor], bool]] = []
         # Per group: (which parameters had a gradient, their buckets), reused while it holds.
         self._layouts: dict[int, tuple[Any, list[dict[str, Any]]]] = {}
+        # Set by aace.amp.unscale_ (perturbation pass): a check that raises before first_step
+        # moves anything if the gradients were unscaled twice. Called once, then cleared.
+        self._before_first_step: Callable[[], None] | None = None
 
     # -- the two steps -----------------------------------------------------------------------
 
@@ -199,9 +246,14 @@ class SAM(Optimizer):
         Raises:
             RuntimeError: no parameter has a gradient (nothing was backpropagated, so there
                 is no first-pass gradient to perturb with), or ``first_step`` is pending.
+            ValueError: the gradients were unscaled twice (:mod:`aace.amp`), before any
+                weight moved.
         """
         if self._perturbed:
             raise RuntimeError("first_step() called twice without second_step() in between")
+        check, self._before_first_step = self._before_first_step, None
+        if check is not None:
+            check()
         buckets, any_grad = self._buckets()
         if not any_grad:
             raise RuntimeError(
@@ -219,12 +271,16 @@ class SAM(Optimizer):
         needs_norm = self.track_stats or any(b["normalized"] for b in buckets)
 
         # 1. d starts as g (a copy where d is changed in place and the caller keeps .grad),
-        #    times T once for ASAM's scaled tensors: d = T g.
+        #    plus sign * lambda * w with a perturbation weight decay, times T once for ASAM's
+        #    scaled tensors: d = T g.
         directions, operators = [], []
         for bucket in buckets:
             grads, fe = bucket["grads"], bucket["foreach"]
-            in_place = bucket["scaled"] or bucket["normalized"]
+            decay = bucket["weight_decay"]
+            in_place = bucket["scaled"] or bucket["normalized"] or decay != 0
             d = grads if zero_grad or not in_place else [g.clone() for g in grads]
+            if decay != 0:
+                self._add_scaled_(d, bucket["params"], _SIGN[bucket["perturbation"]] * decay, fe)
             operator = None
             if bucket["scaled"]:
                 operator = self._abs(bucket["params"], fe)
@@ -442,6 +498,7 @@ class SAM(Optimizer):
                         normalized=_NORMALIZED[perturbation],
                         eps=group["perturbation_eps"],
                         eta=group["adaptive_eta"],
+                        weight_decay=group["perturbation_weight_decay"],
                     )
                 )
         return buckets, any_grad
@@ -502,6 +559,16 @@ class SAM(Optimizer):
         else:
             for t in tensors:
                 t.add_(value)
+
+    @staticmethod
+    def _add_scaled_(
+        tensors: list[torch.Tensor], others: list[torch.Tensor], alpha: float, foreach: bool
+    ) -> None:
+        if foreach:
+            torch._foreach_add_(tensors, others, alpha=alpha)
+        else:
+            for t, o in zip(tensors, others):
+                t.add_(o, alpha=alpha)
 
     @staticmethod
     def _mul_(

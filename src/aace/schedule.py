@@ -41,7 +41,7 @@ Usage in a training loop (an ``aace.SAM`` optimizer ``opt``):
             aace_loss(model(x), y).backward()
             schedule.observe(squared_grad_norm(model.parameters()))   # adaptive rule only
             opt.first_step(zero_grad=True)
-            with frozen_batchnorm_stats(model):
+            with frozen_running_stats(model):
                 F.cross_entropy(model(x), y).backward()
             opt.second_step(zero_grad=True)
         else:

@@ -11,9 +11,13 @@ paper's figures use). Buffers are not moved. The plane is
 
     f(a, b) = L(w + a d_1 + b d_2),    f(0, 0) = L(w).
 
-The interpolation is L((1 - alpha) w_A + alpha w_B) over every floating-point entry of the two
-state dicts (parameters and BatchNorm running statistics, so alpha = 0 and 1 are exactly the two
-models in eval mode); integer buffers stay those of the first model.
+The interpolation is L((1 - alpha) w_A + alpha w_B) over the parameters of the two models. Their
+floating-point buffers (BatchNorm's running means and variances, any layer's statistics) follow the
+same line with alpha clamped to [0, 1]: between the models they are interpolated, beyond them
+they are held at the nearer model's values, so alpha = 0 and 1 are exactly the two models in eval
+mode and a variance is never extrapolated below zero. (Extrapolated, a running variance that falls
+from 1.0 at initialization to 0.15 after training is negative from alpha = 1.18 on, and the loss
+NaN: tomgoldstein/loss-landscape #25.) Integer buffers stay those of the first model.
 """
 
 from __future__ import annotations
@@ -220,8 +224,11 @@ def interpolation(
     alphas: Sequence[float] | np.ndarray | None = None,
 ) -> Landscape:
     """L((1 - alpha) w_model + alpha w_other) for each alpha: the linear interpolation between
-    two models (Goodfellow et al., ICLR 2015), over every floating-point entry of their state
-    dicts (BatchNorm statistics included).
+    two models (Goodfellow et al., ICLR 2015). Parameters follow the line for every alpha;
+    floating-point buffers (BatchNorm's running statistics) follow it with alpha clamped to
+    [0, 1], i.e. held at the nearer model's values beyond the two models, so that a running
+    variance is never extrapolated into a negative one (see the module documentation). Integer
+    buffers stay those of ``model``.
 
     Args:
         model: the network; its parameters with ``requires_grad`` are the analysed w, and its
@@ -270,13 +277,16 @@ def interpolation(
         )
         raise ValueError(f"other: its state dict does not match the model's ({details})")
     floating = [k for k, v in state.items() if v.is_floating_point()]
+    # Buffers, unlike parameters, are held at the nearer end outside [0, 1].
+    buffers = {k for k in floating if not isinstance(state[k], nn.Parameter)}
     start = {k: state[k].detach().clone() for k in floating}
     end = {k: torch.as_tensor(target[k]).to(state[k].device, state[k].dtype) for k in floating}
     losses = torch.empty(len(alphas), dtype=torch.float64, device=objective.device)
     with preserved_state(model), torch.no_grad():
         for i, alpha in enumerate(alphas.tolist()):
+            held = min(max(alpha, 0.0), 1.0)
             for k in floating:
-                state[k].copy_(torch.lerp(start[k], end[k], alpha))
+                state[k].copy_(torch.lerp(start[k], end[k], held if k in buffers else alpha))
             losses[i] = objective.mean_loss()
     return Landscape("interpolation", (alphas,), losses.cpu().numpy())
 

@@ -29,7 +29,7 @@ What :func:`sam_step` does, in order:
 2. ``optimizer.step(closure)`` through Lightning's ``LightningOptimizer``, so that the precision
    plugin, the ``on_before_optimizer_step`` hooks and ``trainer.global_step`` see one step;
    :meth:`aace.sam.SAM.step` moves w to w + e, calls the closure (the update pass
-   ``update_loss(module(x), y)`` inside :func:`~aace.batchnorm.frozen_batchnorm_stats`, and
+   ``update_loss(module(x), y)`` inside :func:`~aace.batchnorm.frozen_running_stats`, and
    ``manual_backward``, all-reduced under DDP), restores w and steps the base optimizer.
 
 Precision: ``"32-true"``, ``"64-true"``, ``"bf16-mixed"`` and ``"bf16-true"`` (autocast covers
@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from aace.batchnorm import frozen_batchnorm_stats
+from aace.batchnorm import frozen_running_stats
 from aace.integrations import require
 from aace.losses import aace_loss
 from aace.sam import SAM
@@ -154,7 +154,7 @@ def sam_step(
         module.manual_backward(first_loss)
 
     def update_pass() -> torch.Tensor:
-        with frozen_batchnorm_stats(module):
+        with frozen_running_stats(module):
             loss = update_loss(module(x), y)
         module.manual_backward(loss)
         return loss.detach()
@@ -166,8 +166,12 @@ def sam_step(
 
 def step_lr_schedulers(module: pl.LightningModule, interval: str) -> None:
     """Step the schedulers of ``configure_optimizers`` whose ``interval`` is ``"step"`` or
-    ``"epoch"``, every ``frequency`` steps or epochs: what automatic optimization does, which
-    manual optimization leaves to the module."""
+    ``"epoch"``, which manual optimization leaves to the module: a ``"step"`` scheduler after
+    every ``frequency``-th optimizer step counted over the whole run (``trainer.global_step``),
+    an ``"epoch"`` one after every ``frequency``-th epoch. Automatic optimization (Lightning 2.6)
+    counts a ``"step"`` scheduler's ``frequency`` in batches within each epoch instead, starting
+    again at every epoch; the two agree when ``frequency`` divides the steps per epoch. The global
+    count is the one Lightning issue #17544 asks for."""
     trainer = module.trainer
     count = trainer.global_step if interval == "step" else trainer.current_epoch + 1
     for config in trainer.lr_scheduler_configs:
@@ -186,8 +190,10 @@ class SAMModule(pl.LightningModule):
     ``configure_optimizers`` (an :class:`~aace.sam.SAM`, and LR schedulers as usual).
 
     ``training_step`` takes ``(x, y)`` batches, runs :func:`sam_step`, logs ``train_loss`` (the
-    update loss) and ``train_acc`` at the unperturbed weights, and steps the schedulers as
-    automatic optimization would (``interval`` ``"step"`` or ``"epoch"``, ``frequency``).
+    update loss) and ``train_acc`` at the unperturbed weights, and steps the schedulers itself
+    (``interval`` ``"step"`` or ``"epoch"``, ``frequency``): a ``"step"`` scheduler's
+    ``frequency`` counts optimizer steps over the whole run, not within each epoch as Lightning's
+    automatic optimization does (see :func:`step_lr_schedulers`).
 
     Args:
         perturbation_loss: see :func:`sam_step` (default AACE).

@@ -65,6 +65,9 @@ class RunConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
+    # SAM optimizers: perturb along the gradient of the loss + this/2 ||w||^2 (google-research/sam
+    # perturbs with its weight decay: set it to weight_decay); 0: the loss's gradient alone.
+    perturbation_weight_decay: float = 0.0
     base_optimizer: str = "sgd"  # see BASE_OPTIMIZERS; momentum and nesterov are SGD's
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
     batch_size: int = 128
@@ -141,12 +144,18 @@ class RunConfig:
             fail("pretrained", self.pretrained, "False unless --model timm:NAME")
         if self.aace_mode not in AACE_MODES:
             fail("aace_mode", self.aace_mode, f"one of {', '.join(AACE_MODES)}")
-        for name in ("lr", "weight_decay", "momentum"):
+        for name in ("lr", "weight_decay", "momentum", "perturbation_weight_decay"):
             value = getattr(self, name)
             if not finite(value) or value < 0:
                 fail(name, value, "a finite number >= 0")
         if self.lr == 0:
             fail("lr", self.lr, "a finite number > 0")
+        if self.perturbation_weight_decay and self.optimizer == "sgd":
+            fail(
+                "perturbation_weight_decay",
+                self.perturbation_weight_decay,
+                "0 with --optimizer sgd",
+            )
         if self.rho is not None and (not finite(self.rho) or self.rho < 0):
             fail("rho", self.rho, "a finite number >= 0")
         for name in ("aace_threshold", "label_smoothing", "dropout", "shakedrop", "label_noise"):

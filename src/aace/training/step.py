@@ -6,6 +6,10 @@ never waits for the device; the trainer sums them and reads them once per epoch.
 each one host sync per pass and each asked for by a flag: ``--nonfinite skip`` and ``--amp
 fp16`` decide on the host whether to take the step.
 
+The second pass of a SAM step runs under :func:`aace.batchnorm.frozen_running_stats`: every
+buffer of the model (BatchNorm's, InstanceNorm's, any layer's running statistics) ends the step as
+the first pass, at w, left it.
+
 The same step serves one process and DDP, with gradient accumulation and mixed precision:
 
 * **DDP.** The perturbation pass runs inside ``ddp.no_sync()`` with ``--perturbation-sync
@@ -22,7 +26,7 @@ The same step serves one process and DDP, with gradient accumulation and mixed p
   is skipped when either pass overflows.
 * **Schedules** (``--sam-every``, ``--sam-start``, ``--sam-adaptive``; :mod:`aace.schedule`).
   A step that the schedule makes plain is an SGD step inside the SAM run: one pass with the
-  update loss (BatchNorm statistics updated as by SGD), then ``SAM.plain_step``. The adaptive
+  update loss (running statistics updated as by SGD), then ``SAM.plain_step``. The adaptive
   rule observes the squared norm of the step's first-pass gradient at w, after unscaling and
   accumulation; under DDP it is max-reduced across ranks (the perturbation pass of
   ``--perturbation-sync local`` has one gradient per rank), so all ranks keep the same
@@ -43,7 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from aace import amp
-from aace.batchnorm import frozen_batchnorm_stats
+from aace.batchnorm import frozen_running_stats
 from aace.losses import aace_loss, bisam_loss
 from aace.sam import SAM
 from aace.schedule import SAMSchedule, squared_grad_norm
@@ -90,6 +94,7 @@ def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimize
         rho=config.resolved_rho,
         perturbation=rule,
         adaptive=adaptive,
+        perturbation_weight_decay=config.perturbation_weight_decay,
         track_stats=True,
         **hyper,
     )
@@ -192,7 +197,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
         self.fp16 = self.scaler.is_enabled()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # Skipping a step must also undo what its forward pass did to BatchNorm statistics.
+        # Skipping a step must also undo what its forward pass did to running statistics.
         self.buffers = list(model.buffers()) if self.skip_nonfinite or self.fp16 else []
         self.saved_buffers = [b.clone() for b in self.buffers]
         self.autocast = autocast(device, config.amp)
@@ -267,7 +272,7 @@ class TrainStep:
 
     def _skip(self, loss: torch.Tensor, sam_pass: str) -> StepStats | None:
         """Decide whether the pass's gradients can be used; if not, undo the step's effects
-        (perturbation, gradients, BatchNorm statistics) and return the skipped step's stats.
+        (perturbation, gradients, running statistics) and return the skipped step's stats.
 
         fp16: unscale first (the SAM step needs true gradients), then skip on overflow or a
         non-finite loss. ``--nonfinite skip``: skip on a non-finite loss or gradient.
@@ -324,7 +329,9 @@ class TrainStep:
         self, x: torch.Tensor, y: torch.Tensor, clean_y: torch.Tensor | None = None
     ) -> StepStats:
         """One optimizer step on the batch ``(x, y)``. ``clean_y``, the true labels of a
-        label-noise run, only adds ``clean_correct`` to the statistics."""
+        label-noise run, only adds ``clean_correct`` to the statistics. Gradients left in
+        ``.grad`` by the caller are cleared first: the first pass's gradient is this batch's."""
+        self.optimizer.zero_grad(set_to_none=True)
         self._save_buffers()
         micro_batches = self._micro_batches(x, y)
         sam_step = self.is_sam and (self.schedule is None or self.schedule.sam_step())
@@ -351,7 +358,7 @@ class TrainStep:
             return skipped
         self._observe()
         self.optimizer.first_step(zero_grad=True)
-        with frozen_batchnorm_stats(self.model):
+        with frozen_running_stats(self.model):
             _, adversarial_loss = self._pass(
                 micro_batches, self.update_loss, perturbation_pass=False
             )
