@@ -66,7 +66,8 @@ def _entry(rank: int, store: str, worker, args) -> None:
     try:
         worker(rank, *args)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # a worker may have destroyed it itself
+            dist.destroy_process_group()
 
 
 def spawn(worker, *args) -> None:
@@ -220,6 +221,38 @@ def test_local_sync_perturbs_per_rank_and_keeps_one_model(tmp_path):
         base.zero_grad()
     assert not torch.allclose(results[0]["e"][0], results[1]["e"][0])
     assert_same_weights(results[0]["model"], model.state_dict())
+
+
+def _threads() -> list[str]:
+    """The names of this process's threads (Linux)."""
+    return sorted(
+        Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")
+    )
+
+
+def _close_worker(rank: int, out: Path) -> None:
+    config = step_config(perturbation_sync="local")
+    context = Distributed(rank, WORLD, owns_group=True)
+    model, ddp = wrap_model(small_model(), context, torch.device("cpu"))
+    step = TrainStep(ddp, build_optimizer(model, config), config, torch.device("cpu"), ddp=ddp)
+    x, y = batches()
+    step(shard(x[0], rank), shard(y[0], rank))
+    running = _threads()
+    del model, ddp, step
+    context.close()
+    (out / f"threads{rank}.json").write_text(json.dumps({"running": running, "closed": _threads()}))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc/self/task")
+def test_close_ends_the_groups_threads_after_ddp(tmp_path):
+    """Constructing DDP imports modules that bind the default group as a default argument; the
+    group must still be freed by close(), or gloo's threads run through interpreter shutdown,
+    where the process can abort ("terminate called without an active exception")."""
+    spawn(_close_worker, tmp_path)
+    for rank in range(WORLD):
+        threads = json.loads((tmp_path / f"threads{rank}.json").read_text())
+        assert any(name.startswith(("gloo", "pt_gloo")) for name in threads["running"])
+        assert not [n for n in threads["closed"] if n.startswith(("gloo", "pt_gloo"))], threads
 
 
 # -- gradient accumulation -----------------------------------------------------------------

@@ -28,6 +28,15 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists, on purpose. DistributedDataParallel's constructor
+# imports torch._dynamo, which imports torch.distributed.nn.functional, whose collectives take
+# ``group=group.WORLD`` as a default argument. Imported after init_process_group, those defaults
+# hold the default group until the interpreter is torn down: destroy_process_group cannot free
+# it, and gloo (which has no shutdown) keeps its worker and TCP-loop threads running through
+# interpreter shutdown, where the process can die of SIGABRT ("terminate called without an
+# active exception"). Imported first, the defaults are None and destroying the group joins them.
+import torch.distributed.nn  # noqa: F401
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
