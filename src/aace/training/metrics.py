@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from aace.runs import json_safe, selected_row
 from aace.training.config import RunConfig
 from aace.training.distributed import Distributed
 from aace.training.step import NonFiniteError, StepStats
@@ -125,7 +126,7 @@ class EpochSums:
         an ``{epoch}`` field for the caller).
 
         ``validation`` (summed loss, correct, correct against the true labels, count; see
-        :func:`aace.training.trainer.evaluate_sums`) adds ``val_loss`` and ``val_acc``, and with
+        :func:`aace.training.evaluate.evaluate_sums`) adds ``val_loss`` and ``val_acc``, and with
         ``noisy`` labels ``val_acc_clean``."""
         names = [*self.sums, *self.sam, "cosine_sum", "cosine_count"]
         names += ["test_loss", "test_correct", "test_count", "samples", "skipped"]
@@ -176,20 +177,6 @@ class EpochSums:
         return row, int(v["samples"])
 
 
-def json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN/inf: store them as null (and say so in the docs)."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
-    }
-
-
-def selected_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The row of the epoch a validation split selects: the highest ``val_acc``, the earliest
-    of equals (the model a user would keep). None without a validation split or rows."""
-    scored = [r for r in rows if r.get("val_acc") is not None]
-    return max(scored, key=lambda r: r["val_acc"]) if scored else None  # max keeps the first
-
-
 def summarize(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
     best = max(rows, key=lambda r: r["test_acc"]) if rows else None
     selected = selected_row(rows)
@@ -203,7 +190,7 @@ def summarize(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
         }
     return {
         "optimizer": config.optimizer,
-        "rho": config.resolved_rho if config.optimizer != "sgd" else None,
+        "rho": config.perturbation_rho,
         "dataset": config.dataset,
         "model": config.model,
         "seed": config.seed,

@@ -32,11 +32,12 @@ from aace.analysis import (
     random_line,
     random_plane,
 )
-from aace.training.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+from aace.runs import SHARPNESS, atomic_write_json
+from aace.training.build import build_loader, resolve_device, training_labels
+from aace.training.checkpoint import CheckpointError, load_checkpoint
 from aace.training.config import DEVICES, ConfigError
+from aace.training.evaluate import load_model_state, load_trained_model, resolve_checkpoint
 
-SHARPNESS = "sharpness.json"
-CHECKPOINT = "checkpoint.pt"
 LANDSCAPES = ("1d", "2d")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -107,15 +108,6 @@ def _validate(args: argparse.Namespace) -> None:
         _fail("against", args.against, "to be used with --landscape 1d")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        if not (path / CHECKPOINT).is_file():
-            raise CheckpointError(f"'{path}' has no {CHECKPOINT}; expected an aace run directory")
-        return path / CHECKPOINT
-    return path
-
-
 def training_batches(
     dataset: Any,
     labels: torch.Tensor,
@@ -126,19 +118,11 @@ def training_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A seeded random subset of the training set with the labels the run trained on (noisy
     for a --label-noise run), unaugmented, in fixed batches."""
-    from aace.data import BatchLoader
-
     total = len(labels)
     n = min(images, total)
     index = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-    loader = BatchLoader(
-        dataset.x_train[index],
-        labels[index],
-        batch_size=batch_size,
-        mean=dataset.mean,
-        std=dataset.std,
-        train=False,
-        device=device,
+    loader = build_loader(
+        dataset, "eval", device, labels=labels, index=index, batch_size=batch_size
     )
     return list(loader)
 
@@ -185,13 +169,6 @@ class _Progress:
 
 def run_sharpness(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     """Measure, write ``sharpness.json`` (and landscape PNGs); returns the JSON's path."""
-    from aace.training.trainer import (
-        load_model_state,
-        load_trained_model,
-        resolve_device,
-        training_labels,
-    )
-
     _validate(args)
     started = time.perf_counter()
     checkpoint_path = resolve_checkpoint(args.run)
