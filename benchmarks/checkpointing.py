@@ -32,7 +32,8 @@ import torch
 from aace.models import create_model
 from aace.training.checkpoint import load_checkpoint, save_checkpoint
 from aace.training.config import RunConfig
-from aace.training.step import TrainStep, build_optimizer
+from aace.training.build import build_optimizer
+from aace.training.step import TrainStep
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = ROOT / "tests" / "faults.py"

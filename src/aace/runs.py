@@ -355,7 +355,7 @@ def find_runs(path: str | os.PathLike) -> list[RunDirectory]:
     if RunDirectory(root).is_readable_run:
         return [RunDirectory(root)]
     if not root.is_dir():
-        raise RunError(f"'{root}' does not exist or is not a directory")
+        raise RunError(f"'{root}' is not an aace run directory: it does not exist or is a file")
     found: list[RunDirectory] = []
 
     def walk(folder: Path) -> None:
