@@ -402,14 +402,16 @@ def config_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """RunConfig defaults, then the preset, then the flags given on the command line."""
-    config = RunConfig(**config_values(args))
+    """RunConfig defaults, then the preset, then the ``--config`` file, then the flags given on
+    the command line; with no ``out`` from any of them, ``runs/DATASET-MODEL-OPTIMIZER-sSEED``."""
+    values = config_values(args)
+    config = RunConfig(**values)
     if getattr(args, "momentum", None) is not None and config.base_optimizer != "sgd":
         raise ConfigError(
             f"--momentum: got {args.momentum}; it is SGD's, not {config.base_optimizer}'s "
             "(use --betas for AdamW's moment decay)"
         )
-    if args.out is None:
+    if "out" not in values:
         config.out = str(
             Path("runs") / f"{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
         )
