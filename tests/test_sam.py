@@ -432,3 +432,12 @@ def test_tracked_cosine_in_float32_matches_the_direct_formula():
         previous = e
         F.cross_entropy(model(x), y).backward()
         opt.second_step(zero_grad=True)
+
+
+def test_an_optimizer_instance_is_named_not_dumped():
+    model, _, _ = tiny_problem()
+    with pytest.raises(ValueError) as error:
+        SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1))
+    message = str(error.value)
+    assert "got an instance of SGD; pass the class" in message
+    assert "\n" not in message and "Parameter Group" not in message  # not the optimizer's repr

@@ -273,7 +273,7 @@ def compare_table(paths: list[str | Path], baseline: str | None = None) -> str:
 
 
 PLOTTED = (
-    ("test_acc", "test accuracy"),
+    ("test_acc", "test accuracy (%)"),
     ("ce_loss", "cross-entropy (train, at w)"),
     ("aace_loss", "AACE loss (train, at w)"),
     ("grad_norm", "perturbation-loss gradient norm"),
@@ -282,8 +282,16 @@ PLOTTED = (
 )
 
 
+def _counts(runs: list[Run]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.label] = counts.get(run.label, 0) + 1
+    return counts
+
+
 def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
-    """The paper's figures: one panel per quantity against epoch, one line per run."""
+    """The paper's figures: one panel per quantity against epoch, one line per run; the title
+    names the setting and the number of runs per optimizer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,7 +302,8 @@ def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
     colors: dict[str, Any] = {}
     for ax, (key, title) in zip(axes.flat, PLOTTED):
         for run in runs:
-            points = [(r["epoch"], r.get(key)) for r in run.rows if r.get(key) is not None]
+            scale = 100 if key == "test_acc" else 1  # in percent, as the tables
+            points = [(r["epoch"], scale * r[key]) for r in run.rows if r.get(key) is not None]
             if not points:
                 continue
             color = colors.setdefault(run.label, f"C{len(colors) % 10}")
@@ -310,6 +319,9 @@ def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
                 handles.append(handle)
                 labels.append(label)
     figure.legend(handles, labels, loc="outside lower center", ncols=max(1, len(labels)))
+    settings = sorted({run.setting for run in runs})
+    seeds = ", ".join(f"{label}: n = {n}" for label, n in _counts(runs).items())
+    figure.suptitle(f"{'; '.join(settings)}. One line per run ({seeds}); x: epoch")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
