@@ -30,9 +30,9 @@ import _common
 import torch
 
 from aace.models import create_model
+from aace.training.build import build_optimizer
 from aace.training.checkpoint import load_checkpoint, save_checkpoint
 from aace.training.config import RunConfig
-from aace.training.build import build_optimizer
 from aace.training.step import TrainStep
 
 ROOT = Path(__file__).resolve().parent.parent

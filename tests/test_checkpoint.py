@@ -20,7 +20,6 @@ from aace.training.checkpoint import (
 )
 from aace.training.config import RunConfig
 
-
 _IMAGES = torch.Generator().manual_seed(0)  # (N, C, H, W) images, the same for every loader
 
 

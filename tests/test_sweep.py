@@ -70,6 +70,7 @@ def test_plan_names_order_and_configurations():
         (lambda: sweep.parse_optimizers("sgd,adam"), "--optimizer: got 'adam' in 'sgd,adam'"),
         (lambda: sweep.parse_optimizers("sgd:0.1"), "--optimizer: got 'sgd:0.1'; sgd has no rho"),
         (lambda: sweep.parse_optimizers("sam:x"), "--optimizer: got 'x' in 'sam:x'"),
+        (lambda: sweep.parse_optimizers("adam"), "--optimizer: got 'adam'; expected"),
         (lambda: sweep.parse_numbers("label-noise", "0,2", 0, 1), "--label-noise: got 2 in '0,2'"),
         (lambda: sweep.plan({}, "o", [("sgd", None)], seeds=0), "--seeds: got 0; expected"),
         (lambda: sweep.plan({"lr": -1}, "o", [("sgd", None)]), "--lr: got -1; expected"),

@@ -96,8 +96,8 @@ def parse_optimizers(text: str) -> list[tuple[str, float | None]]:
         name, _, rho_text = item.strip().partition(":")
         if name not in OPTIMIZERS:
             raise ConfigError(
-                f"--optimizer: got {name!r} in {text!r}; expected a comma-separated list of "
-                f"{', '.join(OPTIMIZERS)}, each optionally with :RHO (e.g. sam:0.05)"
+                f"--optimizer: got {name!r}{_within(name, text)}; expected a comma-separated "
+                f"list of {', '.join(OPTIMIZERS)}, each optionally with :RHO (e.g. sam:0.05)"
             )
         rho = None
         if rho_text:
@@ -115,9 +115,15 @@ def parse_numbers(option: str, text: str, low: float, high: float) -> list[float
     for value in values:
         if not low <= value <= high:
             raise ConfigError(
-                f"--{option}: got {value:g} in {text!r}; expected numbers in [{low:g}, {high:g}]"
+                f"--{option}: got {value:g}{_within(f'{value:g}', text)}; expected numbers in "
+                f"[{low:g}, {high:g}]"
             )
     return values
+
+
+def _within(item: str, text: str) -> str:
+    """`` in 'sgd,adam'`` when the bad item is one of several, else nothing (not "'x' in 'x'")."""
+    return "" if item == text.strip() else f" in {text!r}"
 
 
 def _number(option: str, item: str, text: str) -> float:
@@ -127,8 +133,8 @@ def _number(option: str, item: str, text: str) -> float:
         value = math.nan
     if not math.isfinite(value):
         raise ConfigError(
-            f"--{option}: got {item.strip()!r} in {text!r}; expected a comma-separated list of "
-            "numbers"
+            f"--{option}: got {item.strip()!r}{_within(item.strip(), text)}; expected a "
+            "comma-separated list of numbers"
         )
     return value
 
