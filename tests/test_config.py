@@ -114,6 +114,13 @@ def test_bad_config_files_are_one_line(tmp_path, capsys, text, suffix, message):
     assert message in err and str(path) in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_null_in_a_config_file_is_named_as_written(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text('{"epochs": null}')
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "--epochs: got null; expected an integer >= 1" in capsys.readouterr().err
+
+
 def test_missing_config_file(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
     assert "--config: cannot read" in capsys.readouterr().err

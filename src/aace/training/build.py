@@ -5,21 +5,26 @@ schedule of SAM steps and the learning-rate scheduler. No training happens here.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from aace.data import BatchLoader, InMemoryDataset, symmetric_label_noise, validation_split
+from aace.data.loader import derive_seed
 from aace.models import create_model
 from aace.sam import SAM
 from aace.schedule import SAMSchedule
+from aace.training import distributed
 from aace.training.config import ConfigError, RunConfig
+from aace.training.distributed import Distributed, on_all_ranks
+from aace.training.step import TrainStep
 
 __all__ = [
-    "EVAL_BATCH_SIZE", "base_optimizer", "build_loader", "build_model", "build_optimizer",
-    "build_schedule", "build_scheduler", "lr_milestones", "resolve_device", "split_training_set",
-    "training_labels",
+    "EVAL_BATCH_SIZE", "TrainingParts", "base_optimizer", "build_loader", "build_model",
+    "build_optimizer", "build_schedule", "build_scheduler", "build_training", "lr_milestones",
+    "resolve_device", "split_training_set", "training_labels",
 ]  # fmt: skip
 
 EVAL_BATCH_SIZE = 1024
@@ -196,3 +201,73 @@ def build_scheduler(
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(config), gamma=0.2)
+
+
+@dataclass
+class TrainingParts:
+    """What one process of a run trains with (:func:`build_training`)."""
+
+    model: nn.Module  # the bare model (what checkpoints hold)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: TrainStep  # on the DDP wrapper and/or torch.compile of the model, when used
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    val_loader: BatchLoader | None  # the validation split, when the run has one
+    train_size: int  # images in the training part (all ranks)
+    val_size: int
+
+
+def build_training(
+    config: RunConfig, dataset: InMemoryDataset, device: torch.device, context: Distributed
+) -> TrainingParts:
+    """The model (the same initial weights on every rank, from ``config.seed``), wrapped for
+    DDP under torchrun, its optimizer, scheduler and step, and this rank's loaders of the
+    training part, the test set and the validation split. Errors that depend only on the
+    data and the config are raised alike on every rank."""
+    try:
+        labels, train_part, val_part = split_training_set(config, dataset)
+    except ValueError as error:  # a function of the data and the config: alike on all ranks
+        raise on_all_ranks(error) from None
+    if config.batch_size > len(train_part):
+        what = "training part" if config.val_split else "training set"
+        raise on_all_ranks(
+            ConfigError(
+                f"--batch-size: got {config.batch_size}, larger than the {dataset.name} "
+                f"{what} ({len(train_part)} images); expected at most {len(train_part)}"
+            )
+        )
+    torch.manual_seed(config.seed)  # the same initial model on every rank
+    model = build_model(config, dataset).to(device)
+    model, ddp = distributed.wrap_model(model, context, device, config.sync_bn)
+    if context.enabled:
+        # Dropout masks and AACE's "rand" weights differ across ranks.
+        torch.manual_seed(derive_seed(config.seed, context.rank))
+    optimizer = build_optimizer(model, config)
+    shard = dict(rank=context.rank, world_size=context.world_size)
+    whole = len(train_part) == len(labels)  # no split: no copy
+    train_loader = build_loader(
+        dataset, "train", device, config=config, labels=labels,
+        index=None if whole else train_part,
+        batch_size=config.per_rank_batch_size(context.world_size), **shard,
+    )  # fmt: skip
+    step_model = ddp if ddp is not None else model
+    if config.compile:
+        step_model = torch.compile(step_model)
+    schedule = build_schedule(config, config.epochs * len(train_loader))
+    val_loader = None
+    if len(val_part):
+        val_loader = build_loader(
+            dataset, "eval", device, config=config, labels=labels, index=val_part, **shard
+        )
+    return TrainingParts(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config),
+        step=TrainStep(step_model, optimizer, config, device, ddp=ddp, schedule=schedule),
+        train_loader=train_loader,
+        test_loader=build_loader(dataset, "test", device, **shard),
+        val_loader=val_loader,
+        train_size=len(train_part),
+        val_size=len(val_part),
+    )

@@ -315,7 +315,8 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         def fail(name: str, value: Any, allowed: str) -> None:
-            raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {allowed}")
+            shown = "null" if value is None else repr(value)  # None comes from a config file
+            raise ConfigError(f"--{name.replace('_', '-')}: got {shown}; expected {allowed}")
 
         def finite(x: Any) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

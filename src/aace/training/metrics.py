@@ -16,7 +16,8 @@ from aace.training.distributed import Distributed
 from aace.training.step import NonFiniteError, StepStats
 
 __all__ = [
-    "TIMING_FIELDS", "EpochSums", "Progress", "json_safe", "selected_row", "summarize"
+    "TIMING_FIELDS", "EpochSums", "Progress", "format_row", "json_safe", "selected_row",
+    "summarize",
 ]  # fmt: skip
 
 # Columns that differ between two runs with the same result.
@@ -202,6 +203,26 @@ def summarize(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
         "seconds": sum(r["seconds"] for r in rows),
         **validation,
     }
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """The log line of an epoch's metrics row."""
+    text = (
+        f"epoch {row['epoch']:>3}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+        f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} "
+        f"acc {row['test_acc']:.4f}"
+    )
+    if row.get("val_acc") is not None:
+        text += f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+    if row.get("train_acc_clean") not in (None, row["train_acc"]):  # label noise
+        text += f"  train acc on true labels {row['train_acc_clean']:.4f}"
+    if row["grad_norm"] is not None:
+        cosine = row["perturbation_cosine"]
+        text += f"  |g| {row['grad_norm']:.3g}  |e| {row['perturbation_norm']:.3g}"
+        text += f"  cos {cosine:.3f}" if cosine is not None else ""
+    if row["images_per_second"]:
+        text += f"  {row['images_per_second']:.0f} img/s"
+    return text
 
 
 class Progress:

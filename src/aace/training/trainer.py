@@ -29,31 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 import aace
-from aace.data import BatchLoader, InMemoryDataset, load_dataset
-from aace.data.loader import derive_seed
+from aace.data import InMemoryDataset, load_dataset
 from aace.integrations.tensorboard import TensorBoardLog
 from aace.runs import RunDirectory, RunError, json_safe, selected_row
 from aace.training import checkpoint as checkpoint_format
 from aace.training import distributed
-from aace.training.build import (
-    build_loader,
-    build_model,
-    build_optimizer,
-    build_schedule,
-    build_scheduler,
-    resolve_device,
-    split_training_set,
-)
+from aace.training.build import TrainingParts, build_training, resolve_device
 from aace.training.checkpoint import CheckpointError, Position, load_checkpoint
 from aace.training.config import RESUMABLE_CHANGES, ConfigError, RunConfig
 from aace.training.distributed import Distributed, on_all_ranks
 from aace.training.evaluate import evaluate, evaluate_sums
-from aace.training.metrics import EpochSums, Progress, summarize
+from aace.training.metrics import EpochSums, Progress, format_row, summarize
 from aace.training.preemption import Preempted, StopRequest
-from aace.training.step import NonFiniteError, TrainStep
+from aace.training.step import NonFiniteError
 
 __all__ = ["Trainer"]
 
@@ -69,14 +59,8 @@ class _Run:
     context: Distributed
     device: torch.device
     dataset: InMemoryDataset
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    step: TrainStep
-    train_loader: BatchLoader
-    test_loader: BatchLoader
     stop: StopRequest
-    val_loader: BatchLoader | None = None  # the validation split, when the run has one
+    parts: TrainingParts
     rows: list[dict[str, Any]] = field(default_factory=list)
     kept: str = "no checkpoint written"  # what a stop on a non-finite value leaves behind
 
@@ -178,59 +162,17 @@ class Trainer:
     ) -> dict[str, Any]:
         config = self.config
         log = self.log if context.is_main else _silent
-        batch_size = config.per_rank_batch_size(context.world_size)
+        config.per_rank_batch_size(context.world_size)  # refused before any file is touched
         checkpoint = context.run_on_main(lambda: self._prepare_directory(resume))
 
-        torch.manual_seed(config.seed)  # the same initial model on every rank
         dataset = context.main_first(
             lambda: load_dataset(
                 config.dataset, config.data_dir, config.download, config.image_size
             )
         )
-        try:
-            labels, train_part, val_part = split_training_set(config, dataset)
-        except ValueError as error:  # a function of the data and the config: alike on all ranks
-            raise on_all_ranks(error) from None
-        if config.batch_size > len(train_part):
-            what = "training part" if config.val_split else "training set"
-            raise on_all_ranks(
-                ConfigError(
-                    f"--batch-size: got {config.batch_size}, larger than the {dataset.name} "
-                    f"{what} ({len(train_part)} images); expected at most {len(train_part)}"
-                )
-            )
-        model = build_model(config, dataset).to(device)
-        model, ddp = distributed.wrap_model(model, context, device, config.sync_bn)
-        if context.enabled:
-            # Dropout masks and AACE's "rand" weights differ across ranks.
-            torch.manual_seed(derive_seed(config.seed, context.rank))
-        optimizer = build_optimizer(model, config)
-        shard = dict(rank=context.rank, world_size=context.world_size)
-        whole = len(train_part) == len(labels)  # no split: no copy
-        train_loader = build_loader(
-            dataset, "train", device, config=config, labels=labels,
-            index=None if whole else train_part, batch_size=batch_size, **shard,
-        )  # fmt: skip
-        step_model = ddp if ddp is not None else model
-        if config.compile:
-            step_model = torch.compile(step_model)
-        schedule = build_schedule(config, config.epochs * len(train_loader))
-        run = _Run(
-            context=context,
-            device=device,
-            dataset=dataset,
-            model=model,
-            optimizer=optimizer,
-            scheduler=build_scheduler(optimizer, config),
-            step=TrainStep(step_model, optimizer, config, device, ddp=ddp, schedule=schedule),
-            train_loader=train_loader,
-            test_loader=build_loader(dataset, "test", device, **shard),
-            stop=stop,
-        )
-        if len(val_part):
-            run.val_loader = build_loader(
-                dataset, "eval", device, config=config, labels=labels, index=val_part, **shard
-            )
+        parts = build_training(config, dataset, device, context)
+        run = _Run(context, device, dataset, stop, parts)
+        model, train_loader = parts.model, parts.train_loader
 
         position = Position()
         if checkpoint is not None:
@@ -247,9 +189,10 @@ class Trainer:
             )
             self.run_directory.write_rows(position.rows)
         processes = f", {context.world_size} processes" if context.enabled else ""
-        split = f"{len(train_part)} train / {len(val_part)} validation" if len(val_part) else ""
+        train_size, val_size = parts.train_size, parts.val_size
+        split = f"{train_size} train / {val_size} validation" if val_size else f"{train_size} train"
         log(
-            f"{config.optimizer} on {dataset.name} ({split or f'{len(train_part)} train'} / "
+            f"{config.optimizer} on {dataset.name} ({split} / "
             f"{len(dataset.y_test)} test, {dataset.num_classes} classes), {config.model} "
             f"({sum(p.numel() for p in model.parameters()):,} parameters), {device}"
             f"{processes}, {config.epochs} epochs -> {self.out}"
@@ -260,17 +203,17 @@ class Trainer:
         for epoch in range(position.epoch, config.epochs):
             row = self._train_epoch(run, epoch, position if epoch == position.epoch else None)
             rows.append(row)
-            run.scheduler.step()
+            run.parts.scheduler.step()
             if context.is_main:
                 self.run_directory.append_row(row)
             if self.tensorboard is not None:
                 self.tensorboard.log_epoch(json_safe(row))
-            if run.val_loader is not None and selected_row(rows) is row and context.is_main:
+            if run.parts.val_loader is not None and selected_row(rows) is row and context.is_main:
                 checkpoint_format.save_model(
                     self.run_directory.best_file, config, model, dataset, epoch + 1
                 )
             self._save(run, Position(epoch=epoch + 1, rows=rows))
-            log(self._format_row(row))
+            log(format_row(row))
             if self.on_epoch is not None:
                 self.on_epoch(row, rows)
             if epoch + 1 < config.epochs and stop.agreed():
@@ -290,11 +233,11 @@ class Trainer:
         (a host sync, at checkpoints only); otherwise the run stops as at the epoch's end."""
         if self.tensorboard is not None:
             self.tensorboard.flush()  # the events up to this checkpoint reach the disk first
-        optimizer_state = run.optimizer.state_dict()
+        optimizer_state = run.parts.optimizer.state_dict()
         mid_epoch = bool(position.step)
         per_rank = checkpoint_format.rank_state(
             run.device,
-            loader=run.train_loader if mid_epoch else None,
+            loader=run.parts.train_loader if mid_epoch else None,
             sums=(sums.state_dict() if sums is not None else None) if mid_epoch else None,
             optimizer_state=optimizer_state,
         )
@@ -310,21 +253,26 @@ class Trainer:
             self.run_directory.checkpoint_file,
             config=self.config,
             position=position,
-            model=run.model,
+            model=run.parts.model,
             optimizer_state=optimizer_state,
-            scheduler=run.scheduler,
+            scheduler=run.parts.scheduler,
             dataset=run.dataset,
             rank_states=states,
             distributed=run.context.enabled,
-            scaler=run.step.scaler if run.step.fp16 else None,
-            sam_schedule=run.step.schedule,
+            scaler=run.parts.step.scaler if run.parts.step.fp16 else None,
+            sam_schedule=run.parts.step.schedule,
         )
 
     def _train_epoch(self, run: _Run, epoch: int, resumed: Position | None) -> dict[str, Any]:
         """Train one epoch (from ``resumed.step`` when a mid-epoch checkpoint was restored),
         checkpointing every ``--checkpoint-every`` steps and on a stop request; evaluate."""
-        config, model, step, loader = self.config, run.model, run.step, run.train_loader
-        lr = run.optimizer.param_groups[0]["lr"]
+        config, model, step, loader = (
+            self.config,
+            run.parts.model,
+            run.parts.step,
+            run.parts.train_loader,
+        )
+        lr = run.parts.optimizer.param_groups[0]["lr"]
         sums = EpochSums(run.device)
         done, seconds_before = 0, 0.0
         if resumed is not None and resumed.step:
@@ -358,16 +306,16 @@ class Trainer:
                 where = f"at step {done} of epoch {epoch + 1}"
                 raise on_all_ranks(Preempted(self._stopped_message(run.stop, where)))
         if step.is_sam:
-            run.optimizer.reset_stats()  # the next epoch's cosine starts afresh
+            run.parts.optimizer.reset_stats()  # the next epoch's cosine starts afresh
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         train_seconds = seconds_before + time.perf_counter() - start
         progress.close()
         distributed.broadcast_buffers(model, run.context)
-        test = evaluate(model, run.test_loader, config.amp)
+        test = evaluate(model, run.parts.test_loader, config.amp)
         validation = None
-        if run.val_loader is not None:
-            validation = evaluate_sums(model, run.val_loader, config.amp)
+        if run.parts.val_loader is not None:
+            validation = evaluate_sums(model, run.parts.val_loader, config.amp)
         row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr}
         try:
             values, samples = sums.row(
@@ -402,35 +350,16 @@ class Trainer:
                 checkpoint,
                 self.run_directory.checkpoint_file,
                 seed=self.config.seed,
-                model=run.model,
-                optimizer=run.optimizer,
-                scheduler=run.scheduler,
-                train_loader=run.train_loader,
+                model=run.parts.model,
+                optimizer=run.parts.optimizer,
+                scheduler=run.parts.scheduler,
+                train_loader=run.parts.train_loader,
                 rank=run.context.rank,
                 world_size=run.context.world_size,
                 device=run.device,
-                scaler=run.step.scaler,
-                sam_schedule=run.step.schedule,
+                scaler=run.parts.step.scaler,
+                sam_schedule=run.parts.step.schedule,
                 log=self.log,
             )
         except CheckpointError as error:
             raise on_all_ranks(error)  # noqa: B904 (its cause is the loading error)
-
-    @staticmethod
-    def _format_row(row: dict[str, Any]) -> str:
-        text = (
-            f"epoch {row['epoch']:>3}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} "
-            f"acc {row['test_acc']:.4f}"
-        )
-        if row.get("val_acc") is not None:
-            text += f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
-        if row.get("train_acc_clean") not in (None, row["train_acc"]):  # label noise
-            text += f"  train acc on true labels {row['train_acc_clean']:.4f}"
-        if row["grad_norm"] is not None:
-            cosine = row["perturbation_cosine"]
-            text += f"  |g| {row['grad_norm']:.3g}  |e| {row['perturbation_norm']:.3g}"
-            text += f"  cos {cosine:.3f}" if cosine is not None else ""
-        if row["images_per_second"]:
-            text += f"  {row['images_per_second']:.0f} img/s"
-        return text
