@@ -38,7 +38,7 @@ from aace.training.distributed import on_all_ranks, raised_on_all_ranks
 from aace.training.evaluate import evaluate, load_trained_model
 from aace.training.preemption import EXIT_PREEMPTED, Preempted, defer_sigterm
 from aace.training.sharpness_run import add_arguments as add_sharpness_arguments
-from aace.training.sharpness_run import run_sharpness
+from aace.training.sharpness_run import run_sharpness, settings_from_args
 from aace.training.step import NonFiniteError
 from aace.training.trainer import Trainer
 
@@ -516,7 +516,9 @@ def _run(args: argparse.Namespace) -> int:
         print(compare_table(args.runs, args.baseline))
         return 0
     if args.command == "sharpness":
-        print(f"wrote {run_sharpness(args, log=lambda line: print(line, flush=True))}")
+        settings = settings_from_args(args)
+        path = run_sharpness(args.run, settings, args.out, log=lambda line: print(line, flush=True))
+        print(f"wrote {path}")
         return 0
     if args.command == "sweep":
         return _sweep(args)
