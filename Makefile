@@ -22,7 +22,7 @@ demo: $(STAMP)
 	    --out $(DEMO)/$$optimizer-s$$seed --resume || exit 1; \
 	done; done
 	$(BIN)/aace compare $(DEMO)/sgd-s* $(DEMO)/sam-s* $(DEMO)/sam-aace-s*
-	$(BIN)/aace plot $(DEMO)/sgd-s* $(DEMO)/sam-s* $(DEMO)/sam-aace-s* --out $(DEMO)/curves.png
+	$(BIN)/aace plot $(DEMO)/sgd-s* $(DEMO)/sam-s* $(DEMO)/sam-aace-s* --figure $(DEMO)/curves.png
 	$(BIN)/python scripts/demo_results.py $(DEMO)
 
 # The main tables and plots of the manual's Performance and Studies pages (about 1.5 h on 2 CPU

@@ -91,7 +91,7 @@ def test_train_eval_compare_plot(tiny_npz, tmp_path, capsys):
     assert "| sam-aace rho=0.2 |" in table and "| 2 |" in table
 
     png = tmp_path / "curves.png"
-    assert main(["plot", *runs, "--out", str(png)]) == 0
+    assert main(["plot", *runs, "--figure", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -59,6 +59,19 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+def _add_deprecated(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """``old``, the flag's spelling before ``new``, still works for one release: it sets what
+    ``new`` sets and prints one deprecation line. Hidden from --help."""
+
+    class Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+            print(f"aace: warning: {old} is deprecated; use {new}", file=sys.stderr, flush=True)
+            setattr(namespace, self.dest, values)
+
+    dest = new.lstrip("-").replace("-", "_")
+    parser.add_argument(old, dest=dest, action=Deprecated, help=argparse.SUPPRESS, **kwargs)
+
+
 def _default_text(field: dataclasses.Field) -> str:
     if field.metadata.get("default_text"):
         return field.metadata["default_text"]
@@ -156,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument(
         "runs", nargs="+", help="run directories, or folders of them (a sweep's --out)"
     )
-    plot.add_argument("--out", required=True, help="output image, e.g. curves.png")
+    plot.add_argument("--figure", metavar="FILE", help="the image to write, e.g. curves.png")
+    _add_deprecated(plot, "--out", "--figure")
 
     sharpness = commands.add_parser(
         "sharpness",
@@ -174,14 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--out", required=True, help="the sweep's folder")
     sweep.add_argument(
-        "--optimizer",
+        "--optimizers",
         default="sgd,sam,sam-aace",
         help=f"comma-separated optimizers ({', '.join(OPTIMIZERS)}), each optionally with :RHO "
         "(default sgd,sam,sam-aace; e.g. sgd,sam:0.05,sam:0.1,sam-aace:0.2)",
     )
+    _add_deprecated(sweep, "--optimizer", "--optimizers")
     sweep.add_argument(
-        "--rho", help="comma-separated rho values for the SAM optimizers given without :RHO"
+        "--rhos", help="comma-separated rho values for the SAM optimizers given without :RHO"
     )
+    _add_deprecated(sweep, "--rho", "--rhos")
     sweep.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     sweep.add_argument(
         "--label-noise", metavar="RATES", help="comma-separated label-noise rates, e.g. 0,0.2,0.4"
@@ -272,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("train_args", nargs="*", metavar="-- TRAIN_ARGS", help="aace train arguments")
 
     commands.add_parser("presets", help="list the presets")
+    for subparser in commands.choices.values():  # --debug after the subcommand too
+        subparser.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
     return parser
 
 
@@ -290,6 +310,7 @@ def _train_args_after_dashes(command: str, argv: list[str]) -> argparse.Namespac
 
 # The sweep sets these itself; after -- they would be ambiguous.
 _SWEEP_OWNED = ("optimizer", "rho", "seed", "out", "resume", "label_noise")
+_SWEEP_FLAGS = {"seed": " (--seeds N)", "optimizer": " (--optimizers)", "rho": " (--rhos)"}
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -301,13 +322,13 @@ def _sweep(args: argparse.Namespace) -> int:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(
                 f"{flag} after --: the sweep sets it for each run; give it to 'aace sweep' "
-                "before -- instead" + (" (--seeds N)" if name == "seed" else "")
+                "before -- instead" + _SWEEP_FLAGS.get(name, "")
             )
     runs = sweep.plan(
         config_values(train_args),
         args.out,
-        sweep.parse_optimizers(args.optimizer),
-        sweep.parse_numbers("rho", args.rho, 0, math.inf) if args.rho else None,
+        sweep.parse_optimizers(args.optimizers),
+        sweep.parse_numbers("rhos", args.rhos, 0, math.inf) if args.rhos else None,
         args.seeds,
         sweep.parse_numbers("label-noise", args.label_noise, 0, 1) if args.label_noise else None,
     )
@@ -525,7 +546,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "tune":
         return _tune(args)
     if args.command == "plot":
-        print(f"wrote {plot_runs(args.runs, args.out)}")
+        if args.figure is None:
+            raise ConfigError("--figure: missing; expected the image to write, e.g. curves.png")
+        print(f"wrote {plot_runs(args.runs, args.figure)}")
         return 0
     return _presets()
 

@@ -96,20 +96,20 @@ def parse_optimizers(text: str) -> list[tuple[str, float | None]]:
         name, _, rho_text = item.strip().partition(":")
         if name not in OPTIMIZERS:
             raise ConfigError(
-                f"--optimizer: got {name!r}{_within(name, text)}; expected a comma-separated "
+                f"--optimizers: got {name!r}{_within(name, text)}; expected a comma-separated "
                 f"list of {', '.join(OPTIMIZERS)}, each optionally with :RHO (e.g. sam:0.05)"
             )
         rho = None
         if rho_text:
-            rho = _number("optimizer", rho_text, text)
+            rho = _number("optimizers", rho_text, text)
             if not OPTIMIZER_TABLE[name].second_pass:
-                raise ConfigError(f"--optimizer: got {item!r}; {name} has no rho")
+                raise ConfigError(f"--optimizers: got {item!r}; {name} has no rho")
         entries.append((name, rho))
     return entries
 
 
 def parse_numbers(option: str, text: str, low: float, high: float) -> list[float]:
-    """A comma-separated list of numbers in ``[low, high]``, for ``--rho`` and
+    """A comma-separated list of numbers in ``[low, high]``, for ``--rhos`` and
     ``--label-noise``."""
     values = [_number(option, item, text) for item in text.split(",")]
     for value in values:
