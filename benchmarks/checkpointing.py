@@ -30,9 +30,11 @@ import _common
 import torch
 
 from aace.models import create_model
+from aace.runs import RunDirectory
+from aace.training.build import build_optimizer
 from aace.training.checkpoint import load_checkpoint, save_checkpoint
 from aace.training.config import RunConfig
-from aace.training.step import TrainStep, build_optimizer
+from aace.training.step import TrainStep
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTS = ROOT / "tests" / "faults.py"
@@ -100,8 +102,8 @@ def lost_steps(kill_steps: list[int], every: int, tmp: Path) -> list[dict]:
             raise RuntimeError(f"expected a kill at step {k}: {result.stderr[-500:]}")
         done = k - 1  # killed at the start of step k
         position = 0
-        if (out / "checkpoint.pt").exists():
-            checkpoint = load_checkpoint(out / "checkpoint.pt")
+        if RunDirectory(out).has_checkpoint:
+            checkpoint = load_checkpoint(RunDirectory(out).checkpoint_file)
             position = checkpoint["epoch"] * steps_per_epoch + checkpoint["step_in_epoch"]
         rows.append({"every": every, "kill_at_step": k, "steps_lost": done - position})
     return rows

@@ -47,12 +47,13 @@ from _common import DEFAULT_OUT_DIR, non_negative_int, positive_int, write_resul
 from replicate import mechanism_table
 
 from aace.report import compare_table, plot_runs, read_run
-from aace.training.config import DEFAULT_RHO, PRESETS
+from aace.runs import CONFIG, METRICS, SUMMARY, RunDirectory
+from aace.training.config import OPTIMIZER_TABLE, PRESETS
 
 # The paper's recipe as the presets hold it; the WRN-28-10 CIFAR-10 preset is the reference.
 PRESET = "wrn28-10-cifar10"
 OPTIMIZERS = ("sgd", "sam", "sam-aace")
-RHO = {"sgd": None, "sam": DEFAULT_RHO["sam"], "sam-aace": PRESETS[PRESET]["rho"]}
+RHO = {"sgd": None, "sam": OPTIMIZER_TABLE["sam"].default_rho, "sam-aace": PRESETS[PRESET]["rho"]}
 EXIT_PREEMPTED = 75
 # After SIGTERM a run finishes its step and writes a checkpoint; then it is killed.
 STOP_GRACE_S = 90.0
@@ -83,7 +84,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return (self.out / "summary.json").is_file()
+        return RunDirectory(self.out).finished
 
     @property
     def pid_file(self) -> Path:
@@ -243,7 +244,7 @@ def copy_runs(jobs: list[Job], target: Path) -> None:
         if not job.out.is_dir():
             continue
         (target / job.name).mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "metrics.jsonl", "summary.json"):
+        for name in (CONFIG, METRICS, SUMMARY):
             if (job.out / name).is_file():
                 shutil.copy2(job.out / name, target / job.name / name)
         if job.log.is_file():

@@ -45,6 +45,8 @@ from typing import Any
 import _common
 import torch
 
+from aace.runs import RunDirectory
+
 CONFIGS: dict[str, list[str]] = {
     "sgd": ["--optimizer", "sgd"],
     "sam-aace": ["--optimizer", "sam-aace"],
@@ -108,10 +110,8 @@ def collect(runs_dir: Path, seeds: list[int]) -> list[dict[str, Any]]:
             if not (out / "cost.json").exists():
                 continue
             record = json.loads((out / "cost.json").read_text())
-            summary = json.loads((out / "summary.json").read_text())
-            metrics = [
-                json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
-            ]
+            run = RunDirectory(out)
+            summary, metrics = run.read_summary(), run.read_rows()
             fractions = [m.get("sam_step_fraction") or 0.0 for m in metrics]
             rows.append(
                 {

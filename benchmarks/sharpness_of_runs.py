@@ -13,6 +13,7 @@ whose ``sharpness.json`` was made with the same settings is not measured again. 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -21,9 +22,9 @@ from pathlib import Path
 import torch
 from _common import DEFAULT_OUT_DIR, markdown_table, write_results
 
-from aace.cli import build_parser
 from aace.report import read_run
-from aace.training.sharpness_run import SHARPNESS, run_sharpness
+from aace.runs import SHARPNESS
+from aace.training.sharpness_run import add_arguments, run_sharpness, settings_from_args
 
 QUANTITIES = (
     ("hessian_eigenvalues", "top Hessian eigenvalue"),
@@ -40,8 +41,10 @@ def _value(result: dict, key: str) -> float | None:
 
 
 def measure(run: Path, sharpness_argv: list[str]) -> dict:
-    args = build_parser().parse_args(["sharpness", str(run), *sharpness_argv])
-    wanted = {k: v for k, v in vars(args).items() if k not in ("run", "out", "command", "debug")}
+    parser = argparse.ArgumentParser(prog="aace sharpness")
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args([str(run), *sharpness_argv]))
+    wanted = dataclasses.asdict(settings)
     path = run / SHARPNESS
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -49,7 +52,7 @@ def measure(run: Path, sharpness_argv: list[str]) -> dict:
         if settings == wanted:
             return saved
     print(f"== {run}", flush=True)
-    run_sharpness(args, log=lambda line: print(f"   {line}", flush=True))
+    run_sharpness(run, settings, log=lambda line: print(f"   {line}", flush=True))
     return json.loads(path.read_text())
 
 

@@ -109,7 +109,7 @@ def install(point: str, n: int) -> None:
     elif point == "evaluate":
         trainer.evaluate = _at_nth_call(trainer.evaluate, n, _kill)
     elif point == "save":
-        real = trainer.save_checkpoint
+        real = checkpoint.save_checkpoint
         calls = 0
 
         def save(path, payload):
@@ -117,7 +117,7 @@ def install(point: str, n: int) -> None:
             calls += 1
             (_killed_mid_write if calls == n else real)(path, payload)
 
-        trainer.save_checkpoint = save
+        checkpoint.save_checkpoint = save
     else:
         raise SystemExit(f"faults.py: unknown fault point {point!r}")
 

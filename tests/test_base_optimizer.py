@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,12 +13,13 @@ from torch import nn
 from aace import aace_loss, bisam_loss
 from aace.cli import main
 from aace.sam import SAM
-from aace.training import trainer as trainer_module
+from aace.training.build import build_optimizer
 from aace.training.checkpoint import load_checkpoint
 from aace.training.config import PRESETS, ConfigError, RunConfig, preset
 from aace.training.metrics import TIMING_FIELDS
-from aace.training.step import TrainStep, build_optimizer
+from aace.training.step import TrainStep
 from aace.training.trainer import Trainer
+from conftest import Killed
 
 LR, BETAS, EPS, WD, RHO = 0.01, (0.8, 0.99), 1e-8, 0.1, 0.3
 
@@ -119,26 +119,7 @@ def test_presets_keep_sgd():
         assert type(base) is torch.optim.SGD and base.defaults["momentum"] == config.momentum
 
 
-@pytest.fixture(scope="module")
-def npz_path(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    y_train, y_test = rng.integers(0, 4, 48), rng.integers(0, 4, 16)
-
-    def images(y):
-        return (y[:, None, None, None] * 60 + rng.integers(0, 40, (len(y), 8, 8, 3))).astype(
-            np.uint8
-        )
-
-    np.savez(path, x_train=images(y_train), y_train=y_train, x_test=images(y_test), y_test=y_test)
-    return path
-
-
-class _Killed(Exception):
-    pass
-
-
-def test_resume_keeps_adams_moments(npz_path, tmp_path, monkeypatch):
+def test_resume_keeps_adams_moments(npz_path, tmp_path, interrupt_after):
     def config(out):
         return RunConfig(
             dataset=f"npz:{npz_path}", model="wrn10_1", epochs=2, batch_size=16, lr=1e-3,
@@ -147,17 +128,10 @@ def test_resume_keeps_adams_moments(npz_path, tmp_path, monkeypatch):
         )  # fmt: skip
 
     Trainer(config(tmp_path / "reference"), log=lambda _: None).fit()
-    real_save = trainer_module.save_checkpoint
-
-    def save_then_die(path, payload):
-        real_save(path, payload)
-        if payload["epoch"] == 1:
-            raise _Killed
-
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
+    interrupt_after(lambda payload, calls: payload["epoch"] == 1)
+    with pytest.raises(Killed):
         Trainer(config(tmp_path / "run"), log=lambda _: None).fit()
-    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    interrupt_after(None)
     middle = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["optimizer"]["state"]
     assert float(middle[0]["step"]) == 3 and middle[0]["exp_avg"].abs().sum() > 0
     Trainer(config(tmp_path / "run"), log=lambda _: None).fit(resume=True)

@@ -78,16 +78,20 @@ def test_train_eval_compare_plot(tiny_npz, tmp_path, capsys):
     line = capsys.readouterr().out
     summary = json.loads((tmp_path / "sgd-0" / "summary.json").read_text())
     assert f"accuracy {summary['final_test_acc']:.4f}" in line and "9 images" in line
+    assert main(["eval", str(tmp_path / "sgd-0")]) == 0  # a run directory: its checkpoint.pt
+    assert capsys.readouterr().out == line
 
     assert main(["compare", *runs]) == 0
     table = capsys.readouterr().out
+    assert main(["compare", str(tmp_path)]) == 0  # the folder of the four runs (sorted)
+    assert sorted(capsys.readouterr().out.splitlines()) == sorted(table.splitlines())
     finals = [json.loads((tmp_path / f"sgd-{s}" / "summary.json").read_text())["final_test_acc"]
               for s in "01"]  # fmt: skip
     assert f"| sgd | {100 * np.mean(finals):.2f} ± {100 * np.std(finals, ddof=1):.2f}" in table
     assert "| sam-aace rho=0.2 |" in table and "| 2 |" in table
 
     png = tmp_path / "curves.png"
-    assert main(["plot", *runs, "--out", str(png)]) == 0
+    assert main(["plot", *runs, "--figure", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -161,3 +165,32 @@ def test_python_dash_m_runs_without_traceback(tmp_path):
         "aace: error: --rho: got -1.0; expected a finite number >= 0"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_version(capsys):
+    import aace
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"aace {aace.__version__}"
+
+
+def test_ctrl_c_in_train_says_how_to_resume(tiny_npz, tmp_path, monkeypatch, capsys):
+    from aace.training import trainer
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", f"npz:{tiny_npz}", "--out", str(out), *FAST, "--epochs", "2"]
+    monkeypatch.setattr(trainer.Trainer, "_train_epoch", interrupt)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "aace: interrupted before the first checkpoint; run the same command with --resume to "
+        "start over"
+    )
+    monkeypatch.undo()
+    assert main([*argv, "--resume", "--epochs", "1"]) == 2  # another run: refused, one line
+    assert main([*argv, "--resume"]) == 0

@@ -32,11 +32,12 @@ from torch import nn
 from aace import SAM, aace_loss, frozen_batchnorm_stats
 from aace.amp import unscale_
 from aace.cli import main
+from aace.training.build import build_optimizer
 from aace.training.checkpoint import load_checkpoint
 from aace.training.config import ConfigError, RunConfig
 from aace.training.distributed import Distributed, wrap_model
 from aace.training.metrics import TIMING_FIELDS
-from aace.training.step import TrainStep, build_optimizer
+from aace.training.step import TrainStep
 from aace.training.trainer import Trainer
 
 WORLD = 2

@@ -25,8 +25,9 @@ import lightning_ddp_worker as worker
 from aace import SAM, aace_loss
 from aace.integrations import MissingExtraError
 from aace.integrations.lightning import SAMModule, sam_step
+from aace.training.build import build_optimizer
 from aace.training.config import RunConfig
-from aace.training.step import TrainStep, build_optimizer
+from aace.training.step import TrainStep
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # Lightning's advice on workers, loggers, ...
 

@@ -13,8 +13,10 @@ import torch
 from aace.cli import main
 from aace.data import BatchLoader, symmetric_label_noise
 from aace.models import create_model
+from aace.training import build as build_module
+from aace.training.build import build_optimizer
 from aace.training.config import RunConfig
-from aace.training.step import TrainStep, build_optimizer
+from aace.training.step import TrainStep
 
 
 @pytest.mark.parametrize(("n", "rate"), [(1000, 0.2), (997, 0.4), (10, 0.25), (7, 1.0), (5, 0.0)])
@@ -134,8 +136,6 @@ def test_bad_label_noise_flags_are_one_line(flags, message, capsys):
 
 
 def test_no_augment_trains_on_the_plain_images(tmp_path, monkeypatch):
-    import aace.training.trainer as trainer
-
     made = []
 
     class Recording(BatchLoader):
@@ -143,7 +143,7 @@ def test_no_augment_trains_on_the_plain_images(tmp_path, monkeypatch):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(trainer, "BatchLoader", Recording)
+    monkeypatch.setattr(build_module, "BatchLoader", Recording)
     argv = ["train", "--dataset", "digits", "--model", "wrn10_1", "--epochs", "1"]
     argv += ["--batch-size", "512", "--optimizer", "sgd", "--out"]
     assert main([*argv, str(tmp_path / "plain"), "--no-augment"]) == 0

@@ -507,3 +507,12 @@ def test_perturbation_weight_decay_out_of_range_names_the_value(value):
     model, _, _ = tiny_problem()
     with pytest.raises(ValueError, match=r"perturbation_weight_decay must be a finite number >= 0"):
         SAM(model.parameters(), torch.optim.SGD, perturbation_weight_decay=value, lr=0.1)
+
+
+def test_an_optimizer_instance_is_named_not_dumped():
+    model, _, _ = tiny_problem()
+    with pytest.raises(ValueError) as error:
+        SAM(model.parameters(), torch.optim.SGD(model.parameters(), lr=0.1))
+    message = str(error.value)
+    assert "got an instance of SGD; pass the class" in message
+    assert "\n" not in message and "Parameter Group" not in message  # not the optimizer's repr

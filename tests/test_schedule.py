@@ -18,12 +18,13 @@ from torch import nn
 from aace import SAM, aace_loss, frozen_batchnorm_stats
 from aace.cli import main
 from aace.schedule import SAMSchedule, squared_grad_norm
-from aace.training import trainer as trainer_module
+from aace.training.build import build_optimizer, build_schedule
 from aace.training.checkpoint import load_checkpoint
 from aace.training.config import ConfigError, RunConfig
 from aace.training.metrics import TIMING_FIELDS
-from aace.training.step import TrainStep, build_optimizer, build_schedule
+from aace.training.step import TrainStep
 from aace.training.trainer import Trainer
+from conftest import Killed, read_rows, tiny_config
 
 # -- the schedule alone ----------------------------------------------------------------------
 
@@ -237,33 +238,6 @@ def test_train_step_with_every_2_equals_a_reference_loop_bit_for_bit():
 # -- through the trainer and the CLI -----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def npz_path(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    y_train, y_test = rng.integers(0, 4, 48), rng.integers(0, 4, 16)
-
-    def images(y):
-        noise = rng.integers(0, 40, (len(y), 8, 8, 3))
-        return (y[:, None, None, None] * 60 + noise).astype(np.uint8)
-
-    np.savez(path, x_train=images(y_train), y_train=y_train, x_test=images(y_test), y_test=y_test)
-    return path
-
-
-def tiny_config(npz_path, out, **overrides):
-    values = dict(
-        dataset=f"npz:{npz_path}", model="wrn10_1", epochs=3, batch_size=16, lr=0.05,
-        out=str(out), seed=1,
-    )  # fmt: skip
-    values.update(overrides)
-    return RunConfig(**values)
-
-
-def read_rows(out: Path):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize(
     "overrides, fractions",
     [
@@ -288,12 +262,8 @@ def test_sam_step_fraction_and_sam_statistics_over_sam_steps_only(npz_path, tmp_
             assert row["perturbation_norm"] == pytest.approx(0.05, rel=1e-5)
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_adaptive_run_resumes_mid_epoch_to_the_uninterrupted_result(npz_path, tmp_path,
-                                                                    monkeypatch):  # fmt: skip
+                                                                    interrupt_after):  # fmt: skip
     # 3 steps per epoch; checkpoints at global steps 2, 3 (epoch end) and 4, where it dies.
     overrides = dict(optimizer="sam-aace", epochs=4, sam_adaptive=0.0, checkpoint_every=2)
     reference = tmp_path / "reference"
@@ -302,19 +272,10 @@ def test_adaptive_run_resumes_mid_epoch_to_the_uninterrupted_result(npz_path, tm
     assert 0 < sum(fractions) / len(fractions) < 1  # both kinds of step were taken
 
     out = tmp_path / "interrupted"
-    real_save = trainer_module.save_checkpoint
-    calls = []
-
-    def save_then_die(path, payload):
-        real_save(path, payload)
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Killed
-
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
+    interrupt_after(3)
+    with pytest.raises(Killed):
         Trainer(tiny_config(npz_path, out, **overrides), log=lambda _: None).fit()
-    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    interrupt_after(None)
     checkpoint = load_checkpoint(out / "checkpoint.pt")
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (1, 1)
     state = checkpoint["sam_schedule"]

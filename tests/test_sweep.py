@@ -67,9 +67,10 @@ def test_plan_names_order_and_configurations():
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: sweep.parse_optimizers("sgd,adam"), "--optimizer: got 'adam' in 'sgd,adam'"),
-        (lambda: sweep.parse_optimizers("sgd:0.1"), "--optimizer: got 'sgd:0.1'; sgd has no rho"),
-        (lambda: sweep.parse_optimizers("sam:x"), "--optimizer: got 'x' in 'sam:x'"),
+        (lambda: sweep.parse_optimizers("sgd,adam"), "--optimizers: got 'adam' in 'sgd,adam'"),
+        (lambda: sweep.parse_optimizers("sgd:0.1"), "--optimizers: got 'sgd:0.1'; sgd has no rho"),
+        (lambda: sweep.parse_optimizers("sam:x"), "--optimizers: got 'x' in 'sam:x'"),
+        (lambda: sweep.parse_optimizers("adam"), "--optimizers: got 'adam'; expected"),
         (lambda: sweep.parse_numbers("label-noise", "0,2", 0, 1), "--label-noise: got 2 in '0,2'"),
         (lambda: sweep.plan({}, "o", [("sgd", None)], seeds=0), "--seeds: got 0; expected"),
         (lambda: sweep.plan({"lr": -1}, "o", [("sgd", None)]), "--lr: got -1; expected"),
@@ -86,7 +87,7 @@ def test_sweep_trains_the_grid_in_parallel_and_rerunning_trains_nothing(
 ):
     monkeypatch.setattr(sweep, "available_cpus", lambda: 2)
     out = tmp_path / "sweep"
-    argv = ["sweep", "--out", str(out), "--optimizer", "sgd,sam-aace", "--rho", "0.1,0.2"]
+    argv = ["sweep", "--out", str(out), "--optimizers", "sgd,sam-aace", "--rhos", "0.1,0.2"]
     argv += ["--seeds", "2", "--label-noise", "0,0.5", "--jobs", "2", "--baseline", "sgd", "--"]
     argv += _train_args(tiny_npz)
     assert main(argv) == 0
@@ -127,7 +128,7 @@ def test_sweep_trains_the_grid_in_parallel_and_rerunning_trains_nothing(
 
 def test_an_interrupted_run_continues_where_it_stopped(tiny_npz, tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--out", str(out), "--optimizer", "sam-aace", "--seeds", "1", "--"]
+    argv = ["sweep", "--out", str(out), "--optimizers", "sam-aace", "--seeds", "1", "--"]
     argv += [*_train_args(tiny_npz), "--epochs", "3"]
     # The sweep's run, killed (SIGKILL) at its 9th step, in epoch 2 of 3 (6 steps per epoch).
     run = out / "sam-aace-s0"
@@ -151,7 +152,7 @@ def test_an_interrupted_run_continues_where_it_stopped(tiny_npz, tmp_path, capsy
 def test_a_failing_run_is_reported_and_the_others_finish(tiny_npz, tmp_path, capsys):
     out = tmp_path / "sweep"
     # rho 1e30 sends the perturbed weights to inf: that run stops on a non-finite loss.
-    argv = ["sweep", "--out", str(out), "--optimizer", "sgd,sam-aace:1e30", "--seeds", "1", "--"]
+    argv = ["sweep", "--out", str(out), "--optimizers", "sgd,sam-aace:1e30", "--seeds", "1", "--"]
     assert main([*argv, *_train_args(tiny_npz)]) == 1
     captured = capsys.readouterr()
     assert "sam-aace-rho1e+30-s0: failed: " in captured.out
@@ -167,7 +168,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(tiny_npz, tmp_path, cap
         ([], ["--rho", "0.1"], "--rho after --: the sweep sets it"),
         (["--baseline", "adam"], [], "--baseline: got 'adam'; expected one of the sweep's"),
         (["--jobs", "0"], [], "--jobs: got 0; expected an integer >= 1"),
-        (["--rho", "0.1,-1"], [], "--rho: got -1 in '0.1,-1'; expected numbers in [0, inf]"),
+        (["--rhos", "0.1,-1"], [], "--rhos: got -1 in '0.1,-1'; expected numbers in [0, inf]"),
         ([], ["--epochs", "0"], "--epochs: got 0; expected an integer >= 1"),
         ([], ["--bogus"], "unrecognized arguments: --bogus"),
     ],
@@ -181,7 +182,7 @@ def test_bad_sweep_input_is_one_line_and_exit_2(tiny_npz, tmp_path, extra, after
 
 def test_a_folder_of_other_settings_is_refused_before_anything_runs(tiny_npz, tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "--out", str(out), "--optimizer", "sgd", "--seeds", "1", "--"]
+    argv = ["sweep", "--out", str(out), "--optimizers", "sgd", "--seeds", "1", "--"]
     assert main([*argv, *_train_args(tiny_npz)]) == 0
     capsys.readouterr()
     assert main([*argv, *_train_args(tiny_npz), "--epochs", "3"]) == 2
@@ -219,7 +220,7 @@ def test_a_stopped_sweep_stops_its_runs_at_a_checkpoint(tiny_npz, tmp_path):
     sweep: its workers notice, checkpoint and exit instead of training on unobserved."""
     out = tmp_path / "sweep"
     names = ("sgd-s0", "sgd-s1")
-    command = [sys.executable, "-m", "aace", "sweep", "--out", str(out), "--optimizer", "sgd"]
+    command = [sys.executable, "-m", "aace", "sweep", "--out", str(out), "--optimizers", "sgd"]
     command += ["--seeds", "2", "--jobs", "2", "--", *_train_args(tiny_npz), "--epochs", "5000"]
 
     def epochs() -> list[int]:
@@ -257,3 +258,17 @@ def test_a_stopped_sweep_stops_its_runs_at_a_checkpoint(tiny_npz, tmp_path):
     for name in names:  # each run was stopped twice, each time at a checkpoint
         log = (out / name / "train.log").read_text()
         assert log.count("aace sweep: stopped by SIGTERM") == 2, log[-2000:]
+
+
+def test_old_spellings_still_work_with_one_line(capsys):
+    from aace.cli import build_parser
+
+    args = build_parser().parse_args(["sweep", "--out", "x", "--optimizer", "sam", "--rho", "0.1"])
+    assert (args.optimizers, args.rhos) == ("sam", "0.1")
+    assert capsys.readouterr().err.splitlines() == [
+        "aace: warning: --optimizer is deprecated; use --optimizers",
+        "aace: warning: --rho is deprecated; use --rhos",
+    ]
+    args = build_parser().parse_args(["plot", "r", "--out", "c.png", "--debug"])
+    assert (args.figure, args.debug) == ("c.png", True)
+    assert "--out is deprecated; use --figure" in capsys.readouterr().err

@@ -4,7 +4,6 @@ curves without duplicates."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -13,26 +12,12 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from aace.cli import main
-from aace.training import trainer as trainer_module
+from aace.training import checkpoint as checkpoint_module
 from aace.training.config import RunConfig
 from aace.training.trainer import Trainer
+from conftest import Killed, read_rows
 
 STEPS_PER_EPOCH = 3  # 48 images, batch 16
-
-
-@pytest.fixture(scope="module")
-def npz_path(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    y_train, y_test = rng.integers(0, 4, 48), rng.integers(0, 4, 16)
-
-    def images(y):
-        return (y[:, None, None, None] * 60 + rng.integers(0, 40, (len(y), 8, 8, 3))).astype(
-            np.uint8
-        )
-
-    np.savez(path, x_train=images(y_train), y_train=y_train, x_test=images(y_test), y_test=y_test)
-    return path
 
 
 def config(npz_path, out, **overrides):
@@ -52,10 +37,6 @@ def scalars(out, run: str) -> dict[str, list[tuple[int, float]]]:
         tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
         for tag in accumulator.Tags()["scalars"]
     }
-
-
-def read_rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def float32(x: float) -> float:
@@ -88,10 +69,6 @@ def test_training_loss_every_step_averages_to_the_epochs_loss(uninterrupted):
         assert np.mean(values) == pytest.approx(row["train_loss"], rel=1e-6)
 
 
-class _Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize(
     "checkpoint_every, resumed",
     [(0, "after epoch 1"), (2, "after epoch 1 and step 1 of epoch 2")],  # step 4 of 6
@@ -100,18 +77,18 @@ def test_resume_continues_the_curves_without_duplicates(
     npz_path, uninterrupted, tmp_path, monkeypatch, checkpoint_every, resumed
 ):
     out = tmp_path / "run"
-    real_save = trainer_module.save_checkpoint
+    real_save = checkpoint_module.save_checkpoint
 
     def die_before_the_last_checkpoint(path, payload):
         if payload["epoch"] == 2:
-            raise _Killed  # epoch 2's events are on disk, its checkpoint is not
+            raise Killed  # epoch 2's events are on disk, its checkpoint is not
         real_save(path, payload)
 
     overrides = dict(log_every=2, checkpoint_every=checkpoint_every)
-    monkeypatch.setattr(trainer_module, "save_checkpoint", die_before_the_last_checkpoint)
-    with pytest.raises(_Killed):
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", die_before_the_last_checkpoint)
+    with pytest.raises(Killed):
         Trainer(config(npz_path, out, **overrides), log=lambda _: None).fit()
-    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", real_save)
     stale = scalars(out, "epochs")["test_acc"]
     assert [step for step, _ in stale] == [1, 2]
     # TensorBoard orders event files by their names, which start with the second of creation.

@@ -17,6 +17,7 @@ from aace.cli import main
 from aace.integrations import MissingExtraError
 from aace.models import create_model
 from aace.training.checkpoint import load_checkpoint
+from conftest import Killed
 
 
 @pytest.fixture
@@ -167,14 +168,9 @@ def test_torchrun_ddp_train_and_eval(npz32, tmp_path, capsys):
     assert f"9 images, epoch 1: accuracy {row['test_acc']:.4f}, loss {row['test_loss']:.4f}" in line
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_interrupted_run_resumes_to_the_uninterrupted_result(npz32, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_uninterrupted_result(npz32, tmp_path, interrupt_after):
     """A timm ResNet (BatchNorm, SGD momentum): killed after epoch 1, resumed, equal to the
     uninterrupted run bit for bit."""
-    from aace.training import trainer as trainer_module
     from aace.training.config import RunConfig
     from aace.training.trainer import Trainer
 
@@ -183,16 +179,10 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(npz32, tmp_path, mo
                          batch_size=12, lr=0.05, optimizer="sam-aace", out=str(out))  # fmt: skip
 
     Trainer(config(tmp_path / "reference"), log=lambda _: None).fit()
-    real_save = trainer_module.save_checkpoint
-
-    def save_then_die(path, payload):
-        real_save(path, payload)
-        raise _Killed
-
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
+    interrupt_after(1)
+    with pytest.raises(Killed):
         Trainer(config(tmp_path / "run"), log=lambda _: None).fit()
-    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    interrupt_after(None)
     Trainer(config(tmp_path / "run"), log=lambda _: None).fit(resume=True)
     final = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     expected = load_checkpoint(tmp_path / "reference" / "checkpoint.pt")

@@ -10,52 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from aace import SAM, aace_loss, bisam_loss, frozen_batchnorm_stats
-from aace.training import trainer as trainer_module
+from aace.training.build import build_optimizer
 from aace.training.checkpoint import load_checkpoint
-from aace.training.config import ConfigError, RunConfig
-from aace.training.metrics import TIMING_FIELDS
-from aace.training.step import NonFiniteError, TrainStep, build_optimizer
+from aace.training.config import ConfigError
+from aace.training.step import NonFiniteError, TrainStep
 from aace.training.trainer import Trainer
+from conftest import Killed, read_rows, tiny_config, without_timing
 
 ROW_FIELDS = {
     "epoch", "lr", "train_loss", "train_acc", "train_acc_clean", "test_loss", "test_acc", "ce_loss",
     "aace_loss", "grad_norm", "perturbation_norm", "perturbation_cosine", "seconds",
     "images_per_second", "sam_step_fraction", "skipped_steps",
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def npz_path(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    # Class-dependent brightness, so that a few epochs learn something.
-    y_train, y_test = rng.integers(0, 4, 48), rng.integers(0, 4, 16)
-
-    def images(y):
-        base = (y[:, None, None, None] * 60 + rng.integers(0, 40, (len(y), 8, 8, 3))).astype(
-            np.uint8
-        )
-        return base
-
-    np.savez(path, x_train=images(y_train), y_train=y_train, x_test=images(y_test), y_test=y_test)
-    return path
-
-
-def tiny_config(npz_path, out, **overrides):
-    values = dict(
-        dataset=f"npz:{npz_path}", model="wrn10_1", epochs=3, batch_size=16, lr=0.05,
-        out=str(out), seed=1,
-    )  # fmt: skip
-    values.update(overrides)
-    return RunConfig(**values)
-
-
-def read_rows(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(rows):
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
 
 
 @pytest.mark.parametrize(
@@ -84,6 +50,9 @@ def test_run_directory_for_every_optimizer(npz_path, tmp_path, optimizer):
         assert rows[0]["perturbation_norm"] == pytest.approx(0.2 * rows[0]["grad_norm"], rel=1e-5)
     config = json.loads((out / "config.json").read_text())
     assert config["config"]["optimizer"] == optimizer
+    # The radius the run used, so that reports need no table of defaults.
+    expected_rho = {"sgd": None, "sam-aace": 0.2, "asam": 0.5}.get(optimizer, 0.05)
+    assert config["resolved_rho"] == expected_rho
     assert config["torch_version"] == torch.__version__ and config["aace_version"]
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["final_test_acc"] == rows[-1]["test_acc"]
@@ -191,32 +160,19 @@ def test_train_step_sam_bisam_perturbs_along_the_bisam_gradient(npz_path, tmp_pa
         torch.testing.assert_close(a, b)
 
 
-class _Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "sam-aace"])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
-    npz_path, tmp_path, monkeypatch, optimizer
+    npz_path, tmp_path, interrupt_after, optimizer
 ):
     overrides = dict(optimizer=optimizer, epochs=4, dropout=0.3, aace_mode="rand")
     reference = tmp_path / "reference"
     Trainer(tiny_config(npz_path, reference, **overrides), log=lambda _: None).fit()
 
     out = tmp_path / "interrupted"
-    real_save = trainer_module.save_checkpoint
-    calls = []
-
-    def save_then_die(path, payload):
-        real_save(path, payload)
-        calls.append(1)
-        if len(calls) == 2:
-            raise _Killed
-
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
+    interrupt_after(2)
+    with pytest.raises(Killed):
         Trainer(tiny_config(npz_path, out, **overrides), log=lambda _: None).fit()
-    monkeypatch.setattr(trainer_module, "save_checkpoint", real_save)
+    interrupt_after(None)
     # A half-written third epoch: the metrics file may hold a row past the checkpoint.
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 3, "test_acc": 0.0}\n')

@@ -12,16 +12,12 @@ import torch
 from aace.cli import main
 from aace.data import SplitError, load_dataset, symmetric_label_noise, validation_split
 from aace.report import compare_table
+from aace.training.build import build_loader, split_training_set
 from aace.training.checkpoint import load_checkpoint
 from aace.training.config import ConfigError, RunConfig
+from aace.training.evaluate import evaluate, load_trained_model
 from aace.training.metrics import TIMING_FIELDS
-from aace.training.trainer import (
-    Trainer,
-    build_test_loader,
-    evaluate,
-    load_trained_model,
-    split_training_set,
-)
+from aace.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +109,7 @@ def test_selected_epoch_best_pt_and_resume(npz_path, tmp_path):
     # best.pt holds that epoch's model: its test accuracy, recomputed, is that row's.
     model, _, dataset, checkpoint = load_trained_model(out / "best.pt")
     assert checkpoint["epoch"] == selected["epoch"]
-    _, correct, count = evaluate(model, build_test_loader(dataset, torch.device("cpu")))
+    _, correct, count = evaluate(model, build_loader(dataset, "test", torch.device("cpu")))
     assert int(correct) / int(count) == pytest.approx(selected["test_acc"], abs=1e-12)
 
     # Exact resume: stop after epoch 2 (at its checkpoint), resume, compare.

@@ -14,31 +14,38 @@ import sys
 import threading
 import time
 import traceback
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import aace
 from aace.integrations import MissingExtraError
+from aace.report import compare_table, plot_runs, run_label
+from aace.runs import RunDirectory
+from aace.training import sweep
+from aace.training.build import build_loader, resolve_device
 from aace.training.config import (
-    AMP_MODES,
-    BASE_OPTIMIZERS,
     DEVICES,
     OPTIMIZERS,
-    PERTURBATION_SYNCS,
     PRESETS,
-    SCHEDULES,
     ConfigError,
     RunConfig,
     preset,
+    read_config_file,
 )
 from aace.training.distributed import on_all_ranks, raised_on_all_ranks
+from aace.training.evaluate import evaluate, load_trained_model
 from aace.training.preemption import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
     Preempted,
     defer_sigterm,
 )
+from aace.training.sharpness_run import add_arguments as add_sharpness_arguments
+from aace.training.sharpness_run import run_sharpness, settings_from_args
 from aace.training.step import NonFiniteError
+from aace.training.trainer import Trainer
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -57,183 +64,94 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
-    # Every default is None, so that a preset fills what the command line leaves out.
-    add = parser.add_argument
-    add("--preset", help=f"one of the paper's runs: {', '.join(PRESETS)} (see 'aace presets')")
-    add("--dataset", help="cifar10, cifar100, fashion-mnist, food101, digits or npz:PATH")
-    add("--data-dir", help="where datasets are read from / downloaded to (default: data)")
-    add("--download", action=argparse.BooleanOptionalAction, help="download missing datasets")
-    add("--image-size", type=int, help="Food101 resize target in pixels (default 32)")
-    add(
-        "--label-noise",
-        type=float,
-        metavar="RATE",
-        help="change exactly round(RATE x n) training labels, each to another class drawn "
-        "uniformly (symmetric noise; test set untouched; default 0)",
+def _add_deprecated(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """``old``, the flag's spelling before ``new``, still works for one release: it sets what
+    ``new`` sets and prints one deprecation line. Hidden from --help."""
+
+    class Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+            print(f"aace: warning: {old} is deprecated; use {new}", file=sys.stderr, flush=True)
+            setattr(namespace, self.dest, values)
+
+    dest = new.lstrip("-").replace("-", "_")
+    parser.add_argument(old, dest=dest, action=Deprecated, help=argparse.SUPPRESS, **kwargs)
+
+
+def _default_text(field: dataclasses.Field) -> str:
+    if field.metadata.get("default_text"):
+        return field.metadata["default_text"]
+    default = field.default
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return " ".join(map(str, default))
+    return str(default)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``aace train`` flags, generated from :class:`RunConfig`'s fields (their help,
+    choices and defaults: :func:`aace.training.config.option`), plus ``--config`` and
+    ``--resume``. Every default is None, so that a preset and a config file fill what the
+    command line leaves out (:func:`config_values`)."""
+    hints = typing.get_type_hints(RunConfig)
+    fields = {field.name: field for field in dataclasses.fields(RunConfig)}
+    order = ["preset", *(name for name in fields if name != "preset")]
+    for name in order:
+        field, hint = fields[name], hints[name]
+        meta = field.metadata
+        flag = "--" + name.replace("_", "-")
+        help = f"{meta['help']} (default {_default_text(field)})"
+        kwargs: dict[str, Any] = {"help": help}
+        if meta.get("metavar"):
+            kwargs["metavar"] = meta["metavar"]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if typing.get_origin(hint) is tuple:
+            kwargs.update(type=typing.get_args(hint)[0], nargs=len(typing.get_args(hint)))
+        else:
+            types = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+            if types[0] is not str:
+                kwargs["type"] = types[0]
+        parser.add_argument(flag, **kwargs)
+        if name == "preset":
+            parser.add_argument(
+                "--config",
+                metavar="FILE",
+                help="a run's settings from a file: JSON of RunConfig fields (a run's own "
+                "config.json reruns it) or TOML (.toml); flags given here override it, and it "
+                "overrides --preset",
+            )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its checkpoint"
     )
-    add(
-        "--label-noise-seed",
-        type=int,
-        metavar="S",
-        help="seed of the label corruption, independent of --seed (default 0)",
-    )
-    add(
-        "--val-split",
-        type=float,
-        metavar="F",
-        help="hold out fraction F of the training set (after --label-noise), stratified per "
-        "class, as a validation split: metrics gain val_loss/val_acc, the run keeps the weights "
-        "of its best-val_acc epoch in best.pt (0 <= F < 1; default 0: no split)",
-    )
-    add(
-        "--val-split-seed",
-        type=int,
-        metavar="S",
-        help="seed of the validation split, independent of --seed (default 0)",
-    )
-    add(
-        "--model",
-        help="wrn{depth}_{width}, pyramidnet{depth}_{alpha}[_basic] (default wrn16_1), or "
-        "timm:NAME for any timm architecture (pip install 'aace[timm]')",
-    )
-    add(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        help="timm:NAME only: start from the pretrained weights in the local cache (never "
-        "downloaded; default off)",
-    )
-    add("--dropout", type=float, help="WideResNet dropout probability")
-    add("--shakedrop", type=float, help="PyramidNet ShakeDrop probability of the last block")
-    add("--optimizer", choices=OPTIMIZERS, help="default sam-aace")
-    add("--rho", type=float, help="radius (default 0.05 sam, sam-bisam; 0.2 sam-aace; 0.5 asam)")
-    add("--label-smoothing", type=float, help="label smoothing of the update loss only")
-    add("--aace-threshold", type=float, help="AACE threshold in [0, 1] (default 0)")
-    add("--aace-mode", choices=("ada", "rand", "const"), help="AACE mode (default ada)")
-    add("--lr", type=float, help="base learning rate (default 0.1)")
-    add("--momentum", type=float, help="SGD momentum (default 0.9)")
-    add("--nesterov", action=argparse.BooleanOptionalAction, help="Nesterov momentum")
-    add("--weight-decay", type=float, help="default 5e-4 (AdamW's is decoupled: try 0.05)")
-    add(
-        "--perturbation-weight-decay",
-        type=float,
-        metavar="WD",
-        help="SAM optimizers: perturb along the gradient of the loss + WD/2 ||w||^2, as "
-        "google-research/sam does with its weight decay (default 0: the loss's gradient alone)",
-    )
-    add(
-        "--base-optimizer",
-        choices=BASE_OPTIMIZERS,
-        help="the optimizer that makes the update, alone (--optimizer sgd) or inside SAM: sgd "
-        "(default; --momentum, --nesterov) or adamw (--betas)",
-    )
-    add(
-        "--betas",
-        type=float,
-        nargs=2,
-        metavar=("BETA1", "BETA2"),
-        help="AdamW's betas (default 0.9 0.999)",
-    )
-    add(
-        "--batch-size",
-        type=int,
-        help="global batch of one step (default 128); with N processes and --accumulate K each "
-        "process runs K micro-batches of batch-size / (N K)",
-    )
-    add("--epochs", type=int, help="default 200")
-    add("--schedule", choices=SCHEDULES, help="step: x0.2 at 30/60/80%% of training; or cosine")
-    add("--cutout", type=int, help="Cutout square side in pixels (0 = off; default per dataset)")
-    add(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        help="the dataset's training augmentation: random crop, flip, Cutout (default on)",
-    )
-    add("--seed", type=int, help="default 0")
-    add("--device", choices=DEVICES, help="default auto")
-    add(
-        "--amp",
-        choices=AMP_MODES,
-        help="bf16 autocast; fp16 autocast with a GradScaler (overflowing steps are skipped); "
-        "or off (default)",
-    )
-    add(
-        "--accumulate",
-        type=int,
-        help="micro-batches per pass, for a batch that does not fit in memory (default 1)",
-    )
-    add(
-        "--perturbation-sync",
-        choices=PERTURBATION_SYNCS,
-        help="under torchrun: each process perturbs with its own gradient (local, default, SAM's "
-        "m-sharpness) or with the gradient averaged over all processes (global)",
-    )
-    add(
-        "--sync-bn",
-        action=argparse.BooleanOptionalAction,
-        help="under torchrun on CUDA: SyncBatchNorm (batch statistics over all processes)",
-    )
-    add(
-        "--sam-every",
-        type=int,
-        metavar="K",
-        help="SAM optimizers: a SAM step every K-th step, plain SGD steps between (default 1)",
-    )
-    add(
-        "--sam-start",
-        type=float,
-        metavar="F",
-        help="SAM optimizers: plain SGD steps before fraction F of training, SAM steps after "
-        "(default 0; combines with --sam-every)",
-    )
-    add(
-        "--sam-adaptive",
-        type=float,
-        metavar="C",
-        help="SAM optimizers: a SAM step after a step whose squared gradient norm exceeded its "
-        "moving average by C moving standard deviations (AE-SAM, one step late; costs a host "
-        "sync per step)",
-    )
-    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
-    add(
-        "--nonfinite",
-        choices=("stop", "skip"),
-        help="on a NaN/inf loss or gradient: stop the run (default, last good checkpoint kept) "
-        "or skip the step (counted as skipped_steps in the metrics; costs a host sync per pass)",
-    )
-    add(
-        "--checkpoint-every",
-        type=int,
-        metavar="N",
-        help="also write a checkpoint every N optimizer steps, so a kill loses at most N steps "
-        "(default 0: at epoch ends only); a resume continues mid-epoch exactly",
-    )
-    add(
-        "--tensorboard",
-        action=argparse.BooleanOptionalAction,
-        help="also write TensorBoard events to OUT/tensorboard (pip install 'aace[tensorboard]')",
-    )
-    add(
-        "--log-every",
-        type=int,
-        help="with --tensorboard: log the training loss every N steps (default 50)",
-    )
-    add("--out", help="run directory (default runs/<dataset>-<model>-<optimizer>-s<seed>)")
-    add("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+
+
+_train_arguments = add_run_arguments  # the name aace tune's handler calls
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="aace", description="Sharpness-aware training with SAM and AACE.")
+    parser.add_argument("--version", action="version", version=f"aace {aace.__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = commands.add_parser("train", help="train a model; writes a run directory")
-    _train_arguments(train)
+    train = commands.add_parser(
+        "train",
+        help="train a model; writes a run directory",
+        description="Settings come from the defaults, then --preset, then --config FILE, then "
+        "the flags given here (each overriding the ones before).",
+    )
+    add_run_arguments(train)
 
     evaluate = commands.add_parser("eval", help="test accuracy and loss of a checkpoint")
     evaluate.add_argument(
         "checkpoint",
-        help="a checkpoint.pt (the last epoch) or best.pt (the epoch the validation split "
-        "selected) from a run directory",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="a run directory (its checkpoint.pt: the last epoch), a checkpoint.pt, or a best.pt "
+        "(the epoch the validation split selected)",
     )
     evaluate.add_argument("--data-dir", help="override the dataset directory of the run")
     evaluate.add_argument("--device", choices=DEVICES, default="auto")
@@ -242,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="table of test accuracy over run directories: mean, std, 95 %% CI and n per row",
     )
-    compare.add_argument("runs", nargs="+", help="run directories")
+    compare.add_argument(
+        "runs", nargs="+", help="run directories, or folders of them (a sweep's --out)"
+    )
     compare.add_argument(
         "--baseline",
         metavar="NAME",
@@ -251,15 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     plot = commands.add_parser("plot", help="the paper's figures from run directories")
-    plot.add_argument("runs", nargs="+", help="run directories")
-    plot.add_argument("--out", required=True, help="output image, e.g. curves.png")
+    plot.add_argument(
+        "runs", nargs="+", help="run directories, or folders of them (a sweep's --out)"
+    )
+    plot.add_argument("--figure", metavar="FILE", help="the image to write, e.g. curves.png")
+    _add_deprecated(plot, "--out", "--figure")
 
     sharpness = commands.add_parser(
         "sharpness",
         help="Hessian eigenvalues and trace, adaptive sharpness, loss landscapes of a run's model",
     )
-    from aace.training.sharpness_run import add_arguments as add_sharpness_arguments
-
     add_sharpness_arguments(sharpness)
 
     sweep = commands.add_parser(
@@ -272,14 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--out", required=True, help="the sweep's folder")
     sweep.add_argument(
-        "--optimizer",
+        "--optimizers",
         default="sgd,sam,sam-aace",
-        help="comma-separated optimizers, each optionally with :RHO "
+        help=f"comma-separated optimizers ({', '.join(OPTIMIZERS)}), each optionally with :RHO "
         "(default sgd,sam,sam-aace; e.g. sgd,sam:0.05,sam:0.1,sam-aace:0.2)",
     )
+    _add_deprecated(sweep, "--optimizer", "--optimizers")
     sweep.add_argument(
-        "--rho", help="comma-separated rho values for the SAM optimizers given without :RHO"
+        "--rhos", help="comma-separated rho values for the SAM optimizers given without :RHO"
     )
+    _add_deprecated(sweep, "--rho", "--rhos")
     sweep.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     sweep.add_argument(
         "--label-noise", metavar="RATES", help="comma-separated label-noise rates, e.g. 0,0.2,0.4"
@@ -413,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("train_args", nargs="*", metavar="-- TRAIN_ARGS", help="aace train arguments")
 
     commands.add_parser("presets", help="list the presets")
+    for subparser in commands.choices.values():  # --debug after the subcommand too
+        subparser.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
     return parser
 
 
@@ -431,12 +358,10 @@ def _train_args_after_dashes(command: str, argv: list[str]) -> argparse.Namespac
 
 # The sweep sets these itself; after -- they would be ambiguous.
 _SWEEP_OWNED = ("optimizer", "rho", "seed", "out", "resume", "label_noise")
+_SWEEP_FLAGS = {"seed": " (--seeds N)", "optimizer": " (--optimizers)", "rho": " (--rhos)"}
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from aace.report import run_label
-    from aace.training import sweep
-
     train_args = _train_args_after_dashes("sweep", args.train_args)
     if isinstance(train_args, int):
         return train_args
@@ -445,13 +370,13 @@ def _sweep(args: argparse.Namespace) -> int:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(
                 f"{flag} after --: the sweep sets it for each run; give it to 'aace sweep' "
-                "before -- instead" + (" (--seeds N)" if name == "seed" else "")
+                "before -- instead" + _SWEEP_FLAGS.get(name, "")
             )
     runs = sweep.plan(
         config_values(train_args),
         args.out,
-        sweep.parse_optimizers(args.optimizer),
-        sweep.parse_numbers("rho", args.rho, 0, math.inf) if args.rho else None,
+        sweep.parse_optimizers(args.optimizers),
+        sweep.parse_numbers("rhos", args.rhos, 0, math.inf) if args.rhos else None,
         args.seeds,
         sweep.parse_numbers("label-noise", args.label_noise, 0, 1) if args.label_noise else None,
     )
@@ -548,8 +473,14 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The RunConfig fields that the preset and then the flags given on the command line set."""
-    values: dict[str, Any] = preset(args.preset) if args.preset else {}
+    """The RunConfig fields that the preset, then the ``--config`` file, then the flags given on
+    the command line set (each overriding the ones before)."""
+    file_values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    name = args.preset or file_values.get("preset")
+    values: dict[str, Any] = preset(name) if name else {}
+    values.update(file_values)
+    if args.preset:
+        values["preset"] = args.preset
     for field in dataclasses.fields(RunConfig):
         given = getattr(args, field.name, None)
         if given is not None and field.name != "preset":
@@ -558,14 +489,16 @@ def config_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """RunConfig defaults, then the preset, then the flags given on the command line."""
-    config = RunConfig(**config_values(args))
+    """RunConfig defaults, then the preset, then the ``--config`` file, then the flags given on
+    the command line; with no ``out`` from any of them, ``runs/DATASET-MODEL-OPTIMIZER-sSEED``."""
+    values = config_values(args)
+    config = RunConfig(**values)
     if getattr(args, "momentum", None) is not None and config.base_optimizer != "sgd":
         raise ConfigError(
             f"--momentum: got {args.momentum}; it is SGD's, not {config.base_optimizer}'s "
             "(use --betas for AdamW's moment decay)"
         )
-    if args.out is None:
+    if "out" not in values:
         config.out = str(
             Path("runs") / f"{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
         )
@@ -573,12 +506,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from aace.training.trainer import Trainer
-
+    if args.config is None and all(
+        getattr(args, field.name) is None for field in dataclasses.fields(RunConfig)
+    ):
+        # The defaults alone are 200 epochs of WRN-16-1 on digits: hours nobody asked for.
+        raise on_all_ranks(
+            ConfigError(
+                "aace train: no run given; try --preset digits-demo (8 epochs on digits, a "
+                "minute or two on a CPU), --config FILE, or flags such as --dataset cifar10 "
+                "--epochs 200 ('aace train --help' lists them)"
+            )
+        )
     try:
         config = config_from_args(args)
     except ConfigError as error:  # a function of the command line: the same on every rank
         raise on_all_ranks(error) from None
+    args.run_out = config.out  # for the line of a Ctrl-C
     trainer = Trainer(config, log=lambda line: print(line, flush=True))
     summary = trainer.fit(resume=args.resume)
     if not trainer.is_main:
@@ -599,17 +542,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from aace.training.trainer import (
-        build_test_loader,
-        evaluate,
-        load_trained_model,
-        resolve_device,
-    )
-
     device = resolve_device(args.device)
     model, config, dataset, checkpoint = load_trained_model(args.checkpoint, args.data_dir)
     model.to(device)
-    loss_sum, correct, count = evaluate(model, build_test_loader(dataset, device), config.amp)
+    test_loader = build_loader(dataset, "test", device)
+    loss_sum, correct, count = evaluate(model, test_loader, config.amp)
     n = int(count)
     print(
         f"{config.dataset} test set, {n} images, epoch {checkpoint['epoch']}: "
@@ -637,7 +574,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt as error:
         return _fail(
-            on_all_ranks(error), "interrupted", EXIT_INTERRUPTED, debug=False, prefix="aace: "
+            on_all_ranks(error), _interrupted(args), EXIT_INTERRUPTED, debug=False, prefix="aace: "
         )
     except Preempted as error:
         status = EXIT_INTERRUPTED if error.signum == signal.SIGINT else EXIT_PREEMPTED
@@ -666,25 +603,39 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         return _eval(args)
     if args.command == "compare":
-        from aace.report import compare_table
-
         print(compare_table(args.runs, args.baseline))
         return 0
     if args.command == "sharpness":
-        from aace.training.sharpness_run import run_sharpness
-
-        print(f"wrote {run_sharpness(args, log=lambda line: print(line, flush=True))}")
+        settings = settings_from_args(args)
+        path = run_sharpness(args.run, settings, args.out, log=lambda line: print(line, flush=True))
+        print(f"wrote {path}")
         return 0
     if args.command == "sweep":
         return _sweep(args)
     if args.command == "tune":
         return _tune(args)
     if args.command == "plot":
-        from aace.report import plot_runs
-
-        print(f"wrote {plot_runs(args.runs, args.out)}")
+        if args.figure is None:
+            raise ConfigError("--figure: missing; expected the image to write, e.g. curves.png")
+        print(f"wrote {plot_runs(args.runs, args.figure)}")
         return 0
     return _presets()
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    """The line of a Ctrl-C: for ``aace train``, how to continue, as a SIGTERM's line says."""
+    out = getattr(args, "run_out", None)
+    if out is None:
+        return "interrupted"
+    run = RunDirectory(out)
+    if run.has_checkpoint:
+        return (
+            f"interrupted; the last checkpoint is '{run.checkpoint_file}'. Run the same command "
+            "with --resume to continue from it"
+        )
+    return (
+        "interrupted before the first checkpoint; run the same command with --resume to start over"
+    )
 
 
 def _fail(

@@ -1,17 +1,17 @@
-"""Comparison tables and plots, made only from run directories (config.json, metrics.jsonl)."""
+"""Comparison tables and plots, made only from run directories (:mod:`aace.runs`): this module
+imports nothing from :mod:`aace.training`."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aace.runs import RunDirectory, RunError, find_runs, resolved_rho, selected_row
 from aace.stats import confidence_interval, welch_test
 
-SHARPNESS = "sharpness.json"
 # Columns of 'aace compare' for runs that have a sharpness.json: (key, header).
 SHARPNESS_COLUMNS = (
     ("hessian_eigenvalues", "top Hessian eigenvalue"),
@@ -20,21 +20,24 @@ SHARPNESS_COLUMNS = (
 )
 
 
-class ReportError(ValueError):
+class ReportError(RunError):
     """A run directory that cannot be read; the message names the path."""
 
 
 @dataclass
 class Run:
+    """What a report reads of one run directory."""
+
     path: Path
     config: dict[str, Any]
     rows: list[dict[str, Any]]
     sharpness: dict[str, Any] | None = None  # sharpness.json, written by 'aace sharpness'
+    rho: float | None = None  # the radius the run perturbed with; None without a perturbation
 
     @property
     def label(self) -> str:
         """Runs with the same label (and setting) are seeds of one row."""
-        return run_label(self.config)
+        return run_label(self.config, self.rho)
 
     @property
     def setting(self) -> str:
@@ -45,12 +48,18 @@ class Run:
         return text
 
 
-def run_label(config: dict[str, Any]) -> str:
+def run_label(config: dict[str, Any], rho: float | None = None) -> str:
     """A run's optimizer as the tables name it: the optimizer, its rho and, when not every
-    step is a SAM step, the schedule of SAM steps (``sam-aace rho=0.2 every=5``)."""
-    if config["optimizer"] == "sgd":
-        return "sgd"
-    text = f"{config['optimizer']} rho={_rho(config)}"
+    step is a SAM step, the schedule of SAM steps (``sam-aace rho=0.2 every=5``).
+
+    ``rho`` is the radius the run used (``config.json``'s ``resolved_rho``); by default the
+    config's ``rho``, or the default of the versions before ``resolved_rho`` was recorded
+    (:func:`aace.runs.resolved_rho`). None: an optimizer without a perturbation (sgd)."""
+    if rho is None:
+        rho = resolved_rho({"config": config})
+    if rho is None:
+        return config["optimizer"]
+    text = f"{config['optimizer']} rho={rho}"
     for key, name, default in (
         ("sam_every", "every", 1), ("sam_start", "start", 0), ("sam_adaptive", "adaptive", None)
     ):  # fmt: skip
@@ -59,40 +68,44 @@ def run_label(config: dict[str, Any]) -> str:
     return text
 
 
-def _rho(config: dict[str, Any]) -> float:
-    from aace.training.config import DEFAULT_RHO
-
-    return DEFAULT_RHO[config["optimizer"]] if config.get("rho") is None else config["rho"]
-
-
 def read_run(path: str | Path) -> Run:
-    path = Path(path)
-    config_file, metrics_file = path / "config.json", path / "metrics.jsonl"
-    if not config_file.is_file() or not metrics_file.is_file():
+    """One run directory's config, rows and sharpness; :class:`ReportError` naming the path
+    when it is not a run directory or has no finished epoch yet."""
+    run = RunDirectory(path)
+    if not run.is_readable_run:
         raise ReportError(
-            f"'{path}' is not an aace run directory (expected {config_file.name} and "
-            f"{metrics_file.name} in it)"
+            f"'{run}' is not an aace run directory (expected {run.config_file.name} and "
+            f"{run.metrics_file.name} in it)"
         )
     try:
-        config = json.loads(config_file.read_text())["config"]
-        rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ReportError(f"'{path}': unreadable config.json or metrics.jsonl ({error})") from error
+        record = run.read_record()
+        rows = run.read_rows()
+        sharpness = run.read_sharpness()
+    except RunError as error:
+        raise ReportError(str(error)) from error
     if not rows:
-        raise ReportError(f"'{path}' has no finished epoch in metrics.jsonl yet")
-    sharpness = None
-    if (path / SHARPNESS).is_file():
+        raise ReportError(f"'{run}' has no finished epoch in {run.metrics_file.name} yet")
+    return Run(run.path, record["config"], rows, sharpness, resolved_rho(record))
+
+
+def read_runs(paths: list[str | Path]) -> list[Run]:
+    """The runs of ``paths``, each a run directory or a folder of them (a sweep's)."""
+    runs: list[Run] = []
+    for path in paths:
         try:
-            sharpness = json.loads((path / SHARPNESS).read_text())
-        except ValueError as error:
-            raise ReportError(f"'{path / SHARPNESS}' is not valid JSON ({error})") from error
-    return Run(path, config, rows, sharpness)
+            found = find_runs(path)
+        except RunError as error:
+            raise ReportError(str(error)) from error
+        runs.extend(read_run(run.path) for run in found)
+    return runs
 
 
 def _mean_std(values: list[float]) -> str:
+    """``"mean ± sd"`` in percent; the mean alone for one value (no spread to show)."""
     mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+    if len(values) < 2:
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
 MIN_INTERVAL_N = 3
@@ -126,8 +139,7 @@ def _mean_std_plain(values: list[float], of: int) -> str:
     if not values:
         return "–"
     mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    text = f"{mean:.4g} ± {std:.2g}"
+    text = f"{mean:.4g}" if len(values) < 2 else f"{mean:.4g} ± {statistics.stdev(values):.2g}"
     return text if len(values) == of else f"{text} (n={len(values)})"
 
 
@@ -138,8 +150,6 @@ def _final_test_acc(run: Run) -> float:
 def selected_test_acc(run: Run) -> float | None:
     """The test accuracy at the epoch the run's validation split selects (the highest
     ``val_acc``, the earliest of equals); None for a run without a validation split."""
-    from aace.training.metrics import selected_row
-
     row = selected_row(run.rows)
     return None if row is None else row["test_acc"]
 
@@ -179,7 +189,7 @@ def compare_table(paths: list[str | Path], baseline: str | None = None) -> str:
     (``aace sharpness``) add the top Hessian eigenvalue, the Hessian trace and the adaptive
     worst-case sharpness, mean ± std over the runs that have them (their n in brackets when
     not all runs of the row have them)."""
-    runs = [read_run(p) for p in paths]
+    runs = read_runs(paths)
     groups = group_runs(runs)
     if baseline is not None and baseline not in {label for _, label in groups}:
         labels = ", ".join(sorted({repr(label) for _, label in groups}))
@@ -234,7 +244,7 @@ def compare_table(paths: list[str | Path], baseline: str | None = None) -> str:
 
 
 PLOTTED = (
-    ("test_acc", "test accuracy"),
+    ("test_acc", "test accuracy (%)"),
     ("ce_loss", "cross-entropy (train, at w)"),
     ("aace_loss", "AACE loss (train, at w)"),
     ("grad_norm", "perturbation-loss gradient norm"),
@@ -243,19 +253,28 @@ PLOTTED = (
 )
 
 
+def _counts(runs: list[Run]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.label] = counts.get(run.label, 0) + 1
+    return counts
+
+
 def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
-    """The paper's figures: one panel per quantity against epoch, one line per run."""
+    """The paper's figures: one panel per quantity against epoch, one line per run; the title
+    names the setting and the number of runs per optimizer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [read_run(p) for p in paths]
+    runs = read_runs(paths)
     figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
     colors: dict[str, Any] = {}
     for ax, (key, title) in zip(axes.flat, PLOTTED):
         for run in runs:
-            points = [(r["epoch"], r.get(key)) for r in run.rows if r.get(key) is not None]
+            scale = 100 if key == "test_acc" else 1  # in percent, as the tables
+            points = [(r["epoch"], scale * r[key]) for r in run.rows if r.get(key) is not None]
             if not points:
                 continue
             color = colors.setdefault(run.label, f"C{len(colors) % 10}")
@@ -271,6 +290,9 @@ def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
                 handles.append(handle)
                 labels.append(label)
     figure.legend(handles, labels, loc="outside lower center", ncols=max(1, len(labels)))
+    settings = sorted({run.setting for run in runs})
+    seeds = ", ".join(f"{label}: n = {n}" for label, n in _counts(runs).items())
+    figure.suptitle(f"{'; '.join(settings)}. One line per run ({seeds}); x: epoch")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)

@@ -189,9 +189,14 @@ class SAM(Optimizer):
             rho, perturbation, adaptive, adaptive_eta, perturbation_eps, perturbation_weight_decay
         )
         if not callable(base_optimizer):
+            # An instance (SAM(params, SGD(params, lr=0.1))) would print its whole repr.
+            given = repr(base_optimizer)
+            if isinstance(base_optimizer, Optimizer):
+                given = f"an instance of {type(base_optimizer).__name__}"
             raise ValueError(
-                f"base_optimizer must be an optimizer class such as torch.optim.SGD, "
-                f"got {base_optimizer!r}"
+                f"base_optimizer must be an optimizer class such as torch.optim.SGD, got "
+                f"{given}; pass the class and its hyperparameters: SAM(params, torch.optim.SGD, "
+                "lr=0.1, momentum=0.9)"
             )
         if foreach not in (None, True, False):
             raise ValueError(f"foreach must be None, True or False, got {foreach!r}")

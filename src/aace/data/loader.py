@@ -37,13 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BatchLoader"]
+__all__ = ["BatchLoader", "derive_seed"]
 
 _SHUFFLE_STREAM = 0
 _AUGMENT_STREAM = 1
 
 
-def _derive_seed(*words: int) -> int:
+def derive_seed(*words: int) -> int:
     """A well-mixed 63-bit seed from non-negative integers (a pure function of ``words``)."""
     state = np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32)
     return ((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1)
@@ -241,10 +241,10 @@ class BatchLoader:
         return g
 
     def _shuffle_generator(self, epoch: int) -> torch.Generator:
-        return self._generator(_derive_seed(self.seed, epoch, _SHUFFLE_STREAM))
+        return self._generator(derive_seed(self.seed, epoch, _SHUFFLE_STREAM))
 
     def _augment_generator(self, epoch: int) -> torch.Generator:
-        return self._generator(_derive_seed(self.seed, epoch, _AUGMENT_STREAM, self.rank))
+        return self._generator(derive_seed(self.seed, epoch, _AUGMENT_STREAM, self.rank))
 
     def indices(self, epoch: int | None = None) -> torch.Tensor:
         """The sample indices this rank visits in ``epoch`` (default: the current epoch), in order.

@@ -1,16 +1,24 @@
-"""One dataclass for a training run, and the presets of the paper's experiments."""
+"""One dataclass for a training run (its fields carry their ``aace train`` flags' help), the
+table of optimizer names, the presets of the paper's experiments, and reading a config file."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from aace.losses import AACE_MODES
 
-OPTIMIZERS = ("sgd", "sam", "sam-aace", "sam-aace-normalized", "asam", "sam-bisam")
-# The optimizer that makes the update, alone ("sgd" above) or inside SAM (every other rule).
+# The optimizer that makes the update, alone ("sgd" below) or inside SAM (every other rule).
 BASE_OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -20,79 +28,273 @@ NONFINITE = ("stop", "skip")
 # Foret et al., ICLR 2021, Sec. 4.1) or from the gradient averaged over all replicas ("global").
 PERTURBATION_SYNCS = ("local", "global")
 
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """What an ``--optimizer`` name means: the one table the config's validation, the training
+    step, the sweep and the CLI's choices read."""
+
+    name: str
+    rule: str | None  # SAM's perturbation rule (aace.SAM's ``perturbation``); None: no SAM
+    adaptive: bool = False  # ASAM's scale-invariant perturbation (Kwon et al., ICML 2021)
+    default_rho: float | None = None  # rho when --rho is not given; None without a perturbation
+    perturbation_loss: str = "ce"  # the loss the perturbation ascends: "ce", "aace" or "bisam"
+
+    @property
+    def second_pass(self) -> bool:
+        """Whether a step takes SAM's two passes (a perturbation, then the update)."""
+        return self.rule is not None
+
+
 # rho when --rho is not given: SAM's 0.05 (Foret et al.), AACE's 0.2 (Ratchatorn & Tanaka),
 # ASAM's 0.5 for CIFAR-10 (Kwon et al.), BiSAM's 0.05 for CIFAR-10 (Xie et al.: the default
 # and README example of their code, the SAM rho of the Kwon et al. setup they follow).
-DEFAULT_RHO = {
-    "sgd": 0.0,
-    "sam": 0.05,
-    "sam-aace": 0.2,
-    "sam-aace-normalized": 0.05,
-    "asam": 0.5,
-    "sam-bisam": 0.05,
+OPTIMIZER_TABLE: dict[str, OptimizerInfo] = {
+    info.name: info
+    for info in (
+        OptimizerInfo("sgd", rule=None),
+        OptimizerInfo("sam", rule="sam", default_rho=0.05),
+        OptimizerInfo("sam-aace", rule="aace", default_rho=0.2, perturbation_loss="aace"),
+        OptimizerInfo(
+            "sam-aace-normalized",
+            rule="aace-normalized",
+            default_rho=0.05,
+            perturbation_loss="aace",
+        ),  # fmt: skip
+        OptimizerInfo("asam", rule="sam", adaptive=True, default_rho=0.5),
+        OptimizerInfo("sam-bisam", rule="sam", default_rho=0.05, perturbation_loss="bisam"),
+    )
 }
+OPTIMIZERS = tuple(OPTIMIZER_TABLE)
+SAM_OPTIMIZERS = tuple(name for name, info in OPTIMIZER_TABLE.items() if info.second_pass)
+
+
+def optimizer_info(name: str) -> OptimizerInfo:
+    """The table's entry for ``name``; :class:`ConfigError` naming the choices otherwise."""
+    if name not in OPTIMIZER_TABLE:
+        raise ConfigError(f"--optimizer: got {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZER_TABLE[name]
 
 
 class ConfigError(ValueError):
     """A run configuration that cannot be trained; the message names the field and value."""
 
 
+def _paper(model: str, dataset: str, **overrides: Any) -> dict[str, Any]:
+    # The AACE paper's recipe (its code builds on the SAM example code of davda54/sam):
+    # SGD, momentum 0.9, weight decay 5e-4, lr 0.1, 200 epochs, step schedule,
+    # label smoothing 0.1 in the update loss, SAM+AACE with rho 0.2.
+    values = dict(
+        model=model, dataset=dataset, optimizer="sam-aace", rho=0.2, lr=0.1, momentum=0.9,
+        weight_decay=5e-4, epochs=200, schedule="step", label_smoothing=0.1, batch_size=256,
+    )  # fmt: skip
+    values.update(overrides)
+    return values
+
+
+_DATASETS = ("cifar10", "cifar100", "fashion-mnist", "food101")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    **{f"wrn28-10-{d}": _paper("wrn28_10", d) for d in _DATASETS},
+    **{f"pyramidnet272-{d}": _paper("pyramidnet272_200", d, batch_size=64) for d in _DATASETS},
+    # What fits a laptop CPU: the package's own demo.
+    "digits-demo": dict(
+        dataset="digits", model="wrn16_1", epochs=8, batch_size=64, lr=0.05, schedule="cosine"
+    ),
+}
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | tuple[str, ...] | None = None,
+    default_text: str | None = None,
+    resumable: bool = False,
+) -> Any:
+    """A :class:`RunConfig` field with what its ``aace train`` flag says about it.
+
+    ``help`` describes the flag; the parser (:func:`aace.cli.add_run_arguments`) appends
+    "(default ...)" from ``default``, or ``default_text`` where the default depends on other
+    fields. ``resumable``: the field may change between a run and its resume without changing
+    its result (:data:`RESUMABLE_CHANGES`)."""
+    metadata = {
+        "help": help, "choices": choices, "metavar": metavar, "default_text": default_text,
+        "resumable": resumable,
+    }  # fmt: skip
+    if isinstance(default, (list, dict)):
+        raise TypeError(f"option: a mutable default {default!r}; use a tuple")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass
 class RunConfig:
-    """Everything that determines a run. Saved as ``config.json`` and in every checkpoint."""
+    """Everything that determines a run. Saved as ``config.json`` and in every checkpoint.
 
-    dataset: str = "digits"
-    data_dir: str = "data"
-    download: bool = False
-    image_size: int = 32
+    Each field carries its ``aace train`` flag's help, choices and default
+    (:func:`option`); the parser is generated from them."""
+
+    dataset: str = option("digits", "cifar10, cifar100, fashion-mnist, food101, digits or npz:PATH")
+    data_dir: str = option("data", "where datasets are read from / downloaded to", resumable=True)
+    download: bool = option(False, "download missing datasets", resumable=True)
+    image_size: int = option(32, "Food101 resize target in pixels")
     # Symmetric label noise on the training set (aace.data.symmetric_label_noise); the seed of
     # the corruption is its own, so that --seed varies training but not which labels are wrong.
-    label_noise: float = 0.0
-    label_noise_seed: int = 0
+    label_noise: float = option(
+        0.0,
+        "change exactly round(RATE x n) training labels, each to another class drawn uniformly "
+        "(symmetric noise; test set untouched)",
+        metavar="RATE",
+    )
+    label_noise_seed: int = option(
+        0, "seed of the label corruption, independent of --seed", metavar="S"
+    )
     # A validation split held out of the (noisy) training set, stratified per class
     # (aace.data.validation_split), under a seed of its own; 0: no split.
-    val_split: float = 0.0
-    val_split_seed: int = 0
-    model: str = "wrn16_1"
-    dropout: float = 0.0
-    shakedrop: float = 0.0
-    optimizer: str = "sam-aace"
-    rho: float | None = None  # None: DEFAULT_RHO[optimizer]
-    label_smoothing: float = 0.0
-    aace_threshold: float = 0.0
-    aace_mode: str = "ada"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    # SAM optimizers: perturb along the gradient of the loss + this/2 ||w||^2 (google-research/sam
-    # perturbs with its weight decay: set it to weight_decay); 0: the loss's gradient alone.
-    perturbation_weight_decay: float = 0.0
-    base_optimizer: str = "sgd"  # see BASE_OPTIMIZERS; momentum and nesterov are SGD's
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's
-    batch_size: int = 128
-    epochs: int = 200
-    schedule: str = "step"
-    cutout: int | None = None  # None: the dataset's default
-    augment: bool = True  # False: no crop, flip or Cutout (e.g. to study memorization quickly)
-    seed: int = 0
-    device: str = "auto"
-    amp: str = "off"  # "bf16" autocast, or "fp16" autocast with a GradScaler
-    compile: bool = False
-    perturbation_sync: str = "local"  # under DDP: see PERTURBATION_SYNCS
-    sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only)
-    accumulate: int = 1  # micro-batches per pass: batch_size = processes x accumulate x micro-batch
-    nonfinite: str = "stop"  # a NaN/inf loss or gradient stops the run, or the step is skipped
-    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: at epoch ends only)
+    val_split: float = option(
+        0.0,
+        "hold out fraction F of the training set (after --label-noise), stratified per class, "
+        "as a validation split: metrics gain val_loss/val_acc, the run keeps the weights of its "
+        "best-val_acc epoch in best.pt (0 <= F < 1; 0: no split)",
+        metavar="F",
+    )
+    val_split_seed: int = option(
+        0, "seed of the validation split, independent of --seed", metavar="S"
+    )
+    model: str = option(
+        "wrn16_1",
+        "wrn{depth}_{width}, pyramidnet{depth}_{alpha}[_basic], or timm:NAME for any timm "
+        "architecture (pip install 'aace[timm]')",
+    )
+    dropout: float = option(0.0, "WideResNet dropout probability")
+    shakedrop: float = option(0.0, "PyramidNet ShakeDrop probability of the last block")
+    optimizer: str = option("sam-aace", "the training rule", choices=OPTIMIZERS)
+    rho: float | None = option(
+        None,
+        "perturbation radius",
+        default_text=", ".join(
+            f"{info.default_rho:g} {name}" for name, info in OPTIMIZER_TABLE.items()
+            if info.default_rho is not None
+        ),
+    )  # fmt: skip
+    label_smoothing: float = option(0.0, "label smoothing of the update loss only")
+    aace_threshold: float = option(0.0, "AACE threshold in [0, 1]")
+    aace_mode: str = option("ada", "AACE mode", choices=AACE_MODES)
+    lr: float = option(0.1, "base learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum (SGD)")
+    weight_decay: float = option(5e-4, "weight decay (AdamW's is decoupled: try 0.05)")
+    perturbation_weight_decay: float = option(
+        0.0,
+        "SAM optimizers: perturb along the gradient of the loss + WD/2 ||w||^2, as "
+        "google-research/sam does with its weight decay (0: the loss's gradient alone)",
+        metavar="WD",
+    )
+    base_optimizer: str = option(
+        "sgd",
+        "the optimizer that makes the update, alone (--optimizer sgd) or inside SAM: sgd "
+        "(--momentum, --nesterov) or adamw (--betas)",
+        choices=BASE_OPTIMIZERS,
+    )
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW's betas", metavar=("BETA1", "BETA2"))
+    batch_size: int = option(
+        128,
+        "global batch of one step; with N processes and --accumulate K each process runs K "
+        "micro-batches of batch-size / (N K)",
+    )
+    epochs: int = option(200, "epochs to train")
+    schedule: str = option(
+        "step", "learning-rate schedule: step (x0.2 at 30/60/80%% of training) or cosine",
+        choices=SCHEDULES,
+    )  # fmt: skip
+    cutout: int | None = option(
+        None, "Cutout square side in pixels (0 = off)", default_text="per dataset"
+    )
+    augment: bool = option(
+        True,
+        "the dataset's training augmentation: random crop, flip, Cutout (off: none of them, "
+        "e.g. to study memorization quickly)",
+    )
+    seed: int = option(0, "seed of the initial model, the data order and augmentation")
+    device: str = option("auto", "where to train", choices=DEVICES, resumable=True)
+    amp: str = option(
+        "off",
+        "bf16 autocast; fp16 autocast with a GradScaler (overflowing steps are skipped); or off",
+        choices=AMP_MODES,
+    )
+    compile: bool = option(False, "torch.compile the model", resumable=True)
+    perturbation_sync: str = option(
+        "local",
+        "under torchrun: each process perturbs with its own gradient (local, SAM's m-sharpness) "
+        "or with the gradient averaged over all processes (global)",
+        choices=PERTURBATION_SYNCS,
+    )
+    sync_bn: bool = option(
+        False, "under torchrun on CUDA: SyncBatchNorm (batch statistics over all processes)"
+    )
+    # The number of processes is not a field: it may change on resume too (the global batch
+    # stays --batch-size), and so may --accumulate, which splits the same batch differently.
+    accumulate: int = option(
+        1,
+        "micro-batches per pass, for a batch that does not fit in memory",
+        resumable=True,
+    )
+    nonfinite: str = option(
+        "stop",
+        "on a NaN/inf loss or gradient: stop the run (last good checkpoint kept) or skip the step "
+        "(counted as skipped_steps in the metrics; costs a host sync per pass)",
+        choices=NONFINITE,
+        resumable=True,
+    )
+    checkpoint_every: int = option(
+        0,
+        "also write a checkpoint every N optimizer steps, so a kill loses at most N steps "
+        "(0: at epoch ends only); a resume continues mid-epoch exactly",
+        metavar="N",
+        resumable=True,
+    )
     # Which steps of a SAM run are SAM steps (aace.schedule); the others are plain SGD steps.
-    sam_every: int = 1  # a SAM step every sam_every-th step
-    sam_start: float = 0.0  # plain steps before this fraction of training
-    sam_adaptive: float | None = None  # AE-SAM's threshold c (lagged; see aace.schedule)
-    out: str = "runs/run"
-    preset: str | None = None
-    pretrained: bool = False  # timm models only: weights from the local cache, never downloaded
-    tensorboard: bool = False  # TensorBoard event files under out/tensorboard
-    log_every: int = 50  # with tensorboard: the training loss every N steps
+    sam_every: int = option(
+        1, "SAM optimizers: a SAM step every K-th step, plain SGD steps between", metavar="K"
+    )
+    sam_start: float = option(
+        0.0,
+        "SAM optimizers: plain SGD steps before fraction F of training, SAM steps after "
+        "(combines with --sam-every)",
+        metavar="F",
+    )
+    sam_adaptive: float | None = option(
+        None,
+        "SAM optimizers: a SAM step after a step whose squared gradient norm exceeded its "
+        "moving average by C moving standard deviations (AE-SAM, one step late; costs a host "
+        "sync per step)",
+        metavar="C",
+        default_text="off",
+    )
+    out: str = option(
+        "runs/run",
+        "run directory",
+        default_text="runs/<dataset>-<model>-<optimizer>-s<seed>",
+        resumable=True,
+    )
+    preset: str | None = option(
+        None,
+        f"one of the paper's runs (see 'aace presets'): {', '.join(PRESETS)}",
+        default_text="none",
+    )
+    pretrained: bool = option(
+        False,
+        "timm:NAME only: start from the pretrained weights in the local cache (never downloaded)",
+    )
+    tensorboard: bool = option(
+        False,
+        "also write TensorBoard events to OUT/tensorboard (pip install 'aace[tensorboard]')",
+        resumable=True,
+    )
+    log_every: int = option(
+        50, "with --tensorboard: log the training loss every N steps", resumable=True
+    )
 
     def __post_init__(self) -> None:
         # JSON (config.json) and argparse give lists; keep one type so that runs compare equal.
@@ -100,12 +302,27 @@ class RunConfig:
             self.betas = tuple(self.betas)
 
     @property
+    def info(self) -> OptimizerInfo:
+        """The optimizer table's entry of ``optimizer``."""
+        return optimizer_info(self.optimizer)
+
+    @property
     def resolved_rho(self) -> float:
-        return DEFAULT_RHO[self.optimizer] if self.rho is None else self.rho
+        """``rho``, or the optimizer's default when it is None (0 for plain SGD)."""
+        if self.rho is not None:
+            return self.rho
+        return self.info.default_rho or 0.0
+
+    @property
+    def perturbation_rho(self) -> float | None:
+        """The radius the run perturbs with; None for an optimizer without a perturbation
+        (what ``config.json`` records as ``resolved_rho``)."""
+        return self.resolved_rho if self.info.second_pass else None
 
     def validate(self) -> RunConfig:
         def fail(name: str, value: Any, allowed: str) -> None:
-            raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {allowed}")
+            shown = "null" if value is None else repr(value)  # None comes from a config file
+            raise ConfigError(f"--{name.replace('_', '-')}: got {shown}; expected {allowed}")
 
         def finite(x: Any) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
@@ -195,10 +412,10 @@ class RunConfig:
             )
             if value != default
         ]  # fmt: skip
-        if given and self.optimizer == "sgd":
+        if given and not self.info.second_pass:
             raise ConfigError(
-                f"{given[0]}: schedules SAM steps, but --optimizer is sgd; "
-                f"expected a SAM optimizer ({', '.join(o for o in OPTIMIZERS if o != 'sgd')})"
+                f"{given[0]}: schedules SAM steps, but --optimizer is {self.optimizer}; "
+                f"expected a SAM optimizer ({', '.join(SAM_OPTIMIZERS)})"
             )
         if adaptive is not None and len(given) > 1:
             raise ConfigError(
@@ -227,10 +444,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown configuration field(s) {unknown}")
+        check_fields(values, "configuration")
         return cls(**values)
 
     def differences(self, other: RunConfig, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -239,28 +453,50 @@ class RunConfig:
         return [k for k in a if k not in ignore and a[k] != b[k]]
 
 
-def _paper(model: str, dataset: str, **overrides: Any) -> dict[str, Any]:
-    # The AACE paper's recipe (its code builds on the SAM example code of davda54/sam):
-    # SGD, momentum 0.9, weight decay 5e-4, lr 0.1, 200 epochs, step schedule,
-    # label smoothing 0.1 in the update loss, SAM+AACE with rho 0.2.
-    values = dict(
-        model=model, dataset=dataset, optimizer="sam-aace", rho=0.2, lr=0.1, momentum=0.9,
-        weight_decay=5e-4, epochs=200, schedule="step", label_smoothing=0.1, batch_size=256,
-    )  # fmt: skip
-    values.update(overrides)
+# Fields that may change between a run and its resume without changing its result.
+RESUMABLE_CHANGES = tuple(f.name for f in dataclasses.fields(RunConfig) if f.metadata["resumable"])
+
+
+def check_fields(values: dict[str, Any], where: str) -> None:
+    """Refuse names that are not :class:`RunConfig` fields, naming them and ``where``."""
+    known = [f.name for f in dataclasses.fields(RunConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; expected RunConfig fields "
+            f"({', '.join(known)})"
+        )
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The :class:`RunConfig` fields a ``--config`` file sets: a JSON object of fields, a
+    run's own ``config.json`` (its ``config`` object), or a TOML table of fields (``.toml``).
+    Names may be spelled with dashes as on the command line (``batch-size``)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"--config: cannot read '{path}' ({error.strerror or error})") from error
+    try:
+        if path.suffix.lower() == ".toml":
+            values = tomllib.loads(data.decode())
+        else:
+            values = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as error:
+        kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"--config: '{path}' is not valid {kind} ({first})") from error
+    if isinstance(values, dict) and isinstance(values.get("config"), dict):
+        values = values["config"]  # a run directory's config.json
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"--config: '{path}' holds a {type(values).__name__}; expected an object of fields"
+        )
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    check_fields(values, f"--config '{path}'")
+    if "betas" in values and isinstance(values["betas"], list):
+        values["betas"] = tuple(values["betas"])
     return values
-
-
-_DATASETS = ("cifar10", "cifar100", "fashion-mnist", "food101")
-
-PRESETS: dict[str, dict[str, Any]] = {
-    **{f"wrn28-10-{d}": _paper("wrn28_10", d) for d in _DATASETS},
-    **{f"pyramidnet272-{d}": _paper("pyramidnet272_200", d, batch_size=64) for d in _DATASETS},
-    # What fits a laptop CPU: the package's own demo.
-    "digits-demo": dict(
-        dataset="digits", model="wrn16_1", epochs=8, batch_size=64, lr=0.05, schedule="cosine"
-    ),
-}
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -10,12 +10,14 @@ from typing import Any
 
 import torch
 
+from aace.runs import json_safe, selected_row
 from aace.training.config import RunConfig
 from aace.training.distributed import Distributed
 from aace.training.step import NonFiniteError, StepStats
 
 __all__ = [
-    "TIMING_FIELDS", "EpochSums", "Progress", "json_safe", "selected_row", "summarize"
+    "TIMING_FIELDS", "EpochSums", "Progress", "format_row", "json_safe", "selected_row",
+    "summarize",
 ]  # fmt: skip
 
 # Columns that differ between two runs with the same result.
@@ -125,7 +127,7 @@ class EpochSums:
         an ``{epoch}`` field for the caller).
 
         ``validation`` (summed loss, correct, correct against the true labels, count; see
-        :func:`aace.training.trainer.evaluate_sums`) adds ``val_loss`` and ``val_acc``, and with
+        :func:`aace.training.evaluate.evaluate_sums`) adds ``val_loss`` and ``val_acc``, and with
         ``noisy`` labels ``val_acc_clean``."""
         names = [*self.sums, *self.sam, "cosine_sum", "cosine_count"]
         names += ["test_loss", "test_correct", "test_count", "samples", "skipped"]
@@ -177,20 +179,6 @@ class EpochSums:
         return row, int(v["samples"])
 
 
-def json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN/inf: store them as null (and say so in the docs)."""
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
-    }
-
-
-def selected_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The row of the epoch a validation split selects: the highest ``val_acc``, the earliest
-    of equals (the model a user would keep). None without a validation split or rows."""
-    scored = [r for r in rows if r.get("val_acc") is not None]
-    return max(scored, key=lambda r: r["val_acc"]) if scored else None  # max keeps the first
-
-
 def summarize(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
     best = max(rows, key=lambda r: r["test_acc"]) if rows else None
     selected = selected_row(rows)
@@ -204,7 +192,7 @@ def summarize(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
         }
     return {
         "optimizer": config.optimizer,
-        "rho": config.resolved_rho if config.optimizer != "sgd" else None,
+        "rho": config.perturbation_rho,
         "dataset": config.dataset,
         "model": config.model,
         "seed": config.seed,
@@ -216,6 +204,26 @@ def summarize(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
         "seconds": sum(r["seconds"] for r in rows),
         **validation,
     }
+
+
+def format_row(row: dict[str, Any]) -> str:
+    """The log line of an epoch's metrics row."""
+    text = (
+        f"epoch {row['epoch']:>3}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
+        f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} "
+        f"acc {row['test_acc']:.4f}"
+    )
+    if row.get("val_acc") is not None:
+        text += f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+    if row.get("train_acc_clean") not in (None, row["train_acc"]):  # label noise
+        text += f"  train acc on true labels {row['train_acc_clean']:.4f}"
+    if row["grad_norm"] is not None:
+        cosine = row["perturbation_cosine"]
+        text += f"  |g| {row['grad_norm']:.3g}  |e| {row['perturbation_norm']:.3g}"
+        text += f"  cos {cosine:.3f}" if cosine is not None else ""
+    if row["images_per_second"]:
+        text += f"  {row['images_per_second']:.0f} img/s"
+    return text
 
 
 class Progress:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,39 +34,96 @@ from aace.analysis import (
     random_line,
     random_plane,
 )
-from aace.training.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+from aace.runs import SHARPNESS, atomic_write_json
+from aace.training.build import build_loader, resolve_device, training_labels
+from aace.training.checkpoint import CheckpointError, load_checkpoint
 from aace.training.config import DEVICES, ConfigError
+from aace.training.evaluate import load_model_state, load_trained_model, resolve_checkpoint
 
-SHARPNESS = "sharpness.json"
-CHECKPOINT = "checkpoint.pt"
 LANDSCAPES = ("1d", "2d")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+@dataclass
+class SharpnessSettings:
+    """What ``aace sharpness`` measures and how (its flags, less the run and ``--out``); saved
+    as ``settings`` in ``sharpness.json``."""
+
+    images: int = 1024  # training images measured on
+    batch_size: int = 128  # the m of m-sharpness
+    top_k: int = 1  # Hessian eigenvalues (0: skip)
+    max_iter: int = 100  # most Lanczos iterations
+    tol: float = 1e-3  # Lanczos relative residual tolerance
+    samples: int = 20  # Hutchinson probes for the trace (0: skip)
+    rho: float = 0.001  # radius of the adaptive worst-case sharpness
+    norm: str = "linf"  # its norm: linf or l2
+    steps: int = 20  # its gradient-ascent steps (0: skip)
+    average_rho: float = 0.1  # relative noise scale of the adaptive average sharpness
+    average_samples: int = 8  # its noise draws per batch (0: skip)
+    landscape: str | None = None  # "1d" or "2d"
+    against: str | None = None  # another checkpoint of the same model, for landscape 1d
+    span: float = 1.0  # random line/plane: coordinates in [-span, span]
+    resolution: int | None = None  # points per axis (None: 21 for 1d, 11 for 2d)
+    mode: str = "eval"  # model mode
+    dtype: str = "float32"
+    seed: int = 0  # image subset, probes, directions
+    device: str = "auto"
+    data_dir: str | None = None  # override the dataset directory of the run
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``aace sharpness`` flags; their defaults are :class:`SharpnessSettings`'."""
+    d = SharpnessSettings()
     add = parser.add_argument
     add("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or its checkpoint.pt")
-    add("--images", type=int, default=1024, help="training images measured on (default 1024)")
-    add("--batch-size", type=int, default=128, help="batch size; the m of m-sharpness (128)")
-    add("--top-k", type=int, default=1, help="Hessian eigenvalues to compute (0: skip; 1)")
-    add("--max-iter", type=int, default=100, help="most Lanczos iterations (default 100)")
-    add("--tol", type=float, default=1e-3, help="Lanczos relative residual tolerance (1e-3)")
-    add("--samples", type=int, default=20, help="Hutchinson probes for the trace (0: skip; 20)")
+    add("--images", type=int, default=d.images, help=f"training images measured on ({d.images})")
+    add(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help=f"batch size; the m of m-sharpness ({d.batch_size})",
+    )
+    add(
+        "--top-k",
+        type=int,
+        default=d.top_k,
+        help=f"Hessian eigenvalues to compute (0: skip; {d.top_k})",
+    )
+    add(
+        "--max-iter",
+        type=int,
+        default=d.max_iter,
+        help=f"most Lanczos iterations (default {d.max_iter})",
+    )
+    add("--tol", type=float, default=d.tol, help=f"Lanczos relative residual tolerance ({d.tol:g})")
+    add(
+        "--samples",
+        type=int,
+        default=d.samples,
+        help=f"Hutchinson probes for the trace (0: skip; {d.samples})",
+    )
     add(
         "--rho",
         type=float,
-        default=0.001,
-        help="radius of the adaptive worst-case sharpness (default 0.001)",
+        default=d.rho,
+        help=f"radius of the adaptive worst-case sharpness (default {d.rho:g})",
     )
-    add("--norm", choices=("linf", "l2"), default="linf", help="its norm (default linf)")
-    add("--steps", type=int, default=20, help="its gradient-ascent steps (0: skip; 20)")
+    add("--norm", choices=("linf", "l2"), default=d.norm, help=f"its norm (default {d.norm})")
+    add(
+        "--steps", type=int, default=d.steps, help=f"its gradient-ascent steps (0: skip; {d.steps})"
+    )
     add(
         "--average-rho",
         type=float,
-        default=0.1,
-        help="relative noise scale of the adaptive average sharpness (default 0.1)",
+        default=d.average_rho,
+        help=f"relative noise scale of the adaptive average sharpness (default {d.average_rho:g})",
     )
-    add("--average-samples", type=int, default=8, help="its noise draws per batch (0: skip; 8)")
+    add(
+        "--average-samples",
+        type=int,
+        default=d.average_samples,
+        help=f"its noise draws per batch (0: skip; {d.average_samples})",
+    )
     add(
         "--landscape",
         choices=LANDSCAPES,
@@ -72,21 +131,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "2d: a filter-normalized random plane. Written as landscape-1d.png / landscape-2d.png",
     )
     add("--against", help="another checkpoint of the same model, for --landscape 1d")
-    add("--span", type=float, default=1.0, help="random line/plane: coordinates in [-span, span]")
+    add(
+        "--span", type=float, default=d.span, help="random line/plane: coordinates in [-span, span]"
+    )
     add("--resolution", type=int, help="points per axis (default 21 for 1d, 11 for 2d)")
-    add("--mode", choices=("eval", "train"), default="eval", help="model mode (default eval)")
-    add("--dtype", choices=tuple(DTYPES), default="float32", help="default float32")
-    add("--seed", type=int, default=0, help="image subset, probes, directions (default 0)")
-    add("--device", choices=DEVICES, default="auto")
+    add("--mode", choices=("eval", "train"), default=d.mode, help=f"model mode (default {d.mode})")
+    add("--dtype", choices=tuple(DTYPES), default=d.dtype, help=f"default {d.dtype}")
+    add(
+        "--seed",
+        type=int,
+        default=d.seed,
+        help=f"image subset, probes, directions (default {d.seed})",
+    )
+    add("--device", choices=DEVICES, default=d.device)
     add("--data-dir", help="override the dataset directory of the run")
     add("--out", help=f"output file (default RUN_DIR/{SHARPNESS})")
+
+
+def settings_from_args(args: argparse.Namespace) -> SharpnessSettings:
+    """The settings of parsed ``aace sharpness`` flags."""
+    return SharpnessSettings(
+        **{field.name: getattr(args, field.name) for field in dataclasses.fields(SharpnessSettings)}
+    )
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}; expected {allowed}")
 
 
-def _validate(args: argparse.Namespace) -> None:
+def _validate(args: SharpnessSettings) -> None:
     for name in ("images", "batch_size", "max_iter"):
         if getattr(args, name) < 1:
             _fail(name, getattr(args, name), "an integer >= 1")
@@ -107,15 +180,6 @@ def _validate(args: argparse.Namespace) -> None:
         _fail("against", args.against, "to be used with --landscape 1d")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        if not (path / CHECKPOINT).is_file():
-            raise CheckpointError(f"'{path}' has no {CHECKPOINT}; expected an aace run directory")
-        return path / CHECKPOINT
-    return path
-
-
 def training_batches(
     dataset: Any,
     labels: torch.Tensor,
@@ -126,19 +190,11 @@ def training_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A seeded random subset of the training set with the labels the run trained on (noisy
     for a --label-noise run), unaugmented, in fixed batches."""
-    from aace.data import BatchLoader
-
     total = len(labels)
     n = min(images, total)
     index = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
-    loader = BatchLoader(
-        dataset.x_train[index],
-        labels[index],
-        batch_size=batch_size,
-        mean=dataset.mean,
-        std=dataset.std,
-        train=False,
-        device=device,
+    loader = build_loader(
+        dataset, "eval", device, labels=labels, index=index, batch_size=batch_size
     )
     return list(loader)
 
@@ -183,19 +239,20 @@ class _Progress:
         return seconds
 
 
-def run_sharpness(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
-    """Measure, write ``sharpness.json`` (and landscape PNGs); returns the JSON's path."""
-    from aace.training.trainer import (
-        load_model_state,
-        load_trained_model,
-        resolve_device,
-        training_labels,
-    )
-
+def run_sharpness(
+    run: str | Path,
+    settings: SharpnessSettings | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Measure the model of ``run`` (a run directory or a checkpoint) as ``settings`` say and
+    write ``sharpness.json`` (default: next to the checkpoint; ``out`` names another file) and
+    any landscape PNG beside it; returns the JSON's path."""
+    args = settings or SharpnessSettings()
     _validate(args)
     started = time.perf_counter()
-    checkpoint_path = resolve_checkpoint(args.run)
-    out = Path(args.out) if args.out else checkpoint_path.parent / SHARPNESS
+    checkpoint_path = resolve_checkpoint(run)
+    out = Path(out) if out else checkpoint_path.parent / SHARPNESS
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     model, config, dataset, checkpoint = load_trained_model(checkpoint_path, args.data_dir)
@@ -311,11 +368,10 @@ def run_sharpness(args: argparse.Namespace, log: Callable[[str], None] = print) 
         seconds["landscape"] = progress.finish(f"landscape: wrote {png}")
 
     seconds["total"] = time.perf_counter() - started
-    settings = {k: v for k, v in vars(args).items() if k not in ("run", "out", "command", "debug")}
-    settings["images_measured"] = images
+    saved_settings = {**dataclasses.asdict(args), "images_measured": images}
     result.update(
         {
-            "settings": settings,
+            "settings": saved_settings,
             "seconds": seconds,
             "device": str(device),
             "aace_version": aace.__version__,

@@ -35,11 +35,9 @@ The same step serves one process and DDP, with gradient accumulation and mixed p
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,63 +53,6 @@ from aace.training.config import RunConfig
 from aace.training.distributed import max_across_ranks_
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-# CLI optimizer name -> (SAM perturbation rule, adaptive); sgd is absent.
-SAM_RULES = {
-    "sam": ("sam", False),
-    "asam": ("sam", True),
-    "sam-aace": ("aace", False),
-    "sam-aace-normalized": ("aace-normalized", False),
-    "sam-bisam": ("sam", False),
-}
-
-
-def base_optimizer(config: RunConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
-    """The class and hyperparameters of ``--base-optimizer``: SGD (momentum, Nesterov, L2 weight
-    decay) or AdamW (Loshchilov & Hutter, ICLR 2019: decoupled weight decay)."""
-    if config.base_optimizer == "adamw":
-        hyper = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        return torch.optim.AdamW, hyper
-    hyper = dict(
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.nesterov,
-    )
-    return torch.optim.SGD, hyper
-
-
-def build_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    """The base optimizer alone (``--optimizer sgd``), or SAM around it with the rule the
-    optimizer name stands for."""
-    base, hyper = base_optimizer(config)
-    if config.optimizer == "sgd":
-        return base(model.parameters(), **hyper)
-    rule, adaptive = SAM_RULES[config.optimizer]
-    return SAM(
-        model.parameters(),
-        base,
-        rho=config.resolved_rho,
-        perturbation=rule,
-        adaptive=adaptive,
-        perturbation_weight_decay=config.perturbation_weight_decay,
-        track_stats=True,
-        **hyper,
-    )
-
-
-def build_schedule(config: RunConfig, total_steps: int) -> SAMSchedule | None:
-    """The run's :class:`SAMSchedule`, or None when every step is a SAM step (or for SGD).
-    ``--sam-start F`` makes the steps before ``ceil(F * total_steps)`` plain."""
-    if config.optimizer == "sgd":
-        return None
-    if config.sam_every == 1 and config.sam_start == 0 and config.sam_adaptive is None:
-        return None
-    return SAMSchedule(
-        every=config.sam_every,
-        start_step=math.ceil(config.sam_start * total_steps),
-        adaptive=config.sam_adaptive,
-    )
 
 
 class NonFiniteError(RuntimeError):
@@ -189,8 +130,8 @@ class TrainStep:
         self.ddp = ddp
         self.is_sam = isinstance(optimizer, SAM)
         self.schedule = schedule if self.is_sam else None
-        self.uses_aace = config.optimizer in ("sam-aace", "sam-aace-normalized")
-        self.uses_bisam = config.optimizer == "sam-bisam"
+        self.uses_aace = config.info.perturbation_loss == "aace"
+        self.uses_bisam = config.info.perturbation_loss == "bisam"
         self.skip_nonfinite = config.nonfinite == "skip"
         self.local_perturbation = config.perturbation_sync == "local"
         self.accumulate = config.accumulate

@@ -24,12 +24,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import multiprocessing
 import os
 import signal
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -37,8 +37,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aace.training.config import OPTIMIZERS, ConfigError, RunConfig
+import torch
+
+from aace.report import compare_table
+from aace.runs import RunDirectory, RunError, atomic_write_text, describe_differences
+from aace.training.config import (
+    OPTIMIZER_TABLE,
+    OPTIMIZERS,
+    RESUMABLE_CHANGES,
+    ConfigError,
+    RunConfig,
+)
 from aace.training.preemption import Preempted
+from aace.training.trainer import Trainer
 from aace.training.workers import (
     STOP_SIGNALS,
     TRAINING,
@@ -64,8 +75,12 @@ class SweepRun:
         return Path(self.config.out)
 
     @property
+    def directory(self) -> RunDirectory:
+        return RunDirectory(self.config.out)
+
+    @property
     def finished(self) -> bool:
-        return (self.out / "summary.json").is_file()
+        return self.directory.finished
 
 
 @dataclass
@@ -87,28 +102,34 @@ def parse_optimizers(text: str) -> list[tuple[str, float | None]]:
         name, _, rho_text = item.strip().partition(":")
         if name not in OPTIMIZERS:
             raise ConfigError(
-                f"--optimizer: got {name!r} in {text!r}; expected a comma-separated list of "
-                f"{', '.join(OPTIMIZERS)}, each optionally with :RHO (e.g. sam:0.05)"
+                f"--optimizers: got {name!r}{_within(name, text)}; expected a comma-separated "
+                f"list of {', '.join(OPTIMIZERS)}, each optionally with :RHO (e.g. sam:0.05)"
             )
         rho = None
         if rho_text:
-            rho = _number("optimizer", rho_text, text)
-            if name == "sgd":
-                raise ConfigError(f"--optimizer: got {item!r}; sgd has no rho")
+            rho = _number("optimizers", rho_text, text)
+            if not OPTIMIZER_TABLE[name].second_pass:
+                raise ConfigError(f"--optimizers: got {item!r}; {name} has no rho")
         entries.append((name, rho))
     return entries
 
 
 def parse_numbers(option: str, text: str, low: float, high: float) -> list[float]:
-    """A comma-separated list of numbers in ``[low, high]``, for ``--rho`` and
+    """A comma-separated list of numbers in ``[low, high]``, for ``--rhos`` and
     ``--label-noise``."""
     values = [_number(option, item, text) for item in text.split(",")]
     for value in values:
         if not low <= value <= high:
             raise ConfigError(
-                f"--{option}: got {value:g} in {text!r}; expected numbers in [{low:g}, {high:g}]"
+                f"--{option}: got {value:g}{_within(f'{value:g}', text)}; expected numbers in "
+                f"[{low:g}, {high:g}]"
             )
     return values
+
+
+def _within(item: str, text: str) -> str:
+    """`` in 'sgd,adam'`` when the bad item is one of several, else nothing (not "'x' in 'x'")."""
+    return "" if item == text.strip() else f" in {text!r}"
 
 
 def _number(option: str, item: str, text: str) -> float:
@@ -118,8 +139,8 @@ def _number(option: str, item: str, text: str) -> float:
         value = math.nan
     if not math.isfinite(value):
         raise ConfigError(
-            f"--{option}: got {item.strip()!r} in {text!r}; expected a comma-separated list of "
-            "numbers"
+            f"--{option}: got {item.strip()!r}{_within(item.strip(), text)}; expected a "
+            "comma-separated list of numbers"
         )
     return value
 
@@ -142,7 +163,7 @@ def plan(
         raise ConfigError(f"--seeds: got {seeds!r}; expected an integer >= 1")
     cells: list[tuple[str, float | None, bool]] = []  # optimizer, rho, rho in the name
     for name, rho in optimizers:
-        if name == "sgd":
+        if not OPTIMIZER_TABLE[name].second_pass:
             choices = [(None, False)]
         elif rho is not None:
             choices = [(rho, True)]
@@ -167,7 +188,7 @@ def plan(
                 values["out"] = str(Path(out) / name)
                 if noise is not None:
                     values["label_noise"] = noise
-                if optimizer == "sgd":
+                if not OPTIMIZER_TABLE[optimizer].second_pass:
                     values.update(_SAM_SCHEDULE)
                 runs.append(SweepRun(name, RunConfig(**values).validate()))
     return runs
@@ -175,22 +196,19 @@ def plan(
 
 def check_existing(runs: list[SweepRun]) -> None:
     """Refuse a run directory that holds a run with another configuration than the grid's."""
-    from aace.training.trainer import CONFIG, RESUMABLE_CHANGES
-
     for run in runs:
-        path = run.out / CONFIG
-        if not path.is_file():
+        directory = run.directory
+        if not directory.config_file.is_file():
             continue
         try:
-            saved = RunConfig.from_dict(json.loads(path.read_text())["config"])
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"--out: '{path}' is not a readable aace config") from error
+            saved = RunConfig.from_dict(directory.read_config())
+        except (RunError, ConfigError, TypeError) as error:
+            raise ConfigError(
+                f"--out: '{directory.config_file}' is not a readable aace config"
+            ) from error
         differences = run.config.differences(saved, ignore=RESUMABLE_CHANGES)
         if differences:
-            details = ", ".join(
-                f"{k}: {getattr(saved, k)!r} there, {getattr(run.config, k)!r} now"
-                for k in differences
-            )
+            details = describe_differences(saved.to_dict(), run.config.to_dict(), differences)
             raise ConfigError(
                 f"--out: '{run.out}' holds a run with other settings ({details}); use the "
                 "sweep's original arguments or another --out"
@@ -206,11 +224,11 @@ def run_sweep(
     check_existing(runs)
     outcomes = {run.name: Outcome(run, trained=False) for run in runs if run.finished}
     for outcome in outcomes.values():
-        outcome.summary = json.loads((outcome.run.out / "summary.json").read_text())
+        outcome.summary = outcome.run.directory.read_summary()
     todo = [run for run in runs if not run.finished]
     jobs = min(jobs, max(1, len(todo)))
     threads = max(1, available_cpus() // jobs)
-    resuming = sum((run.out / "checkpoint.pt").is_file() for run in todo)
+    resuming = sum(run.directory.has_checkpoint for run in todo)
     log(
         f"sweep: {len(runs)} runs, {len(outcomes)} finished, {resuming} to resume, "
         f"{len(todo) - resuming} to start; {jobs} job(s) x {threads} thread(s)"
@@ -314,12 +332,6 @@ def _describe(outcome: Outcome) -> str:
 def _train_one(values: dict[str, Any], threads: int) -> dict[str, Any]:
     """One run, in a worker process: its summary, or its error in one line. Its log, warnings
     and tracebacks go to ``train.log`` in its directory."""
-    import traceback
-
-    import torch
-
-    from aace.training.trainer import Trainer
-
     torch.set_num_threads(threads)
     config = RunConfig.from_dict(values)
     started = time.perf_counter()
@@ -348,12 +360,7 @@ def _train_one(values: dict[str, Any], threads: int) -> dict[str, Any]:
 def write_comparison(runs: list[SweepRun], out: str | Path, baseline: str | None) -> str:
     """The comparison table of the runs with at least one finished epoch, also written to
     ``out/compare.md``."""
-    from aace.report import compare_table
-    from aace.training.checkpoint import atomic_write_text
-    from aace.training.trainer import METRICS
-
-    paths = [run.out for run in runs if (run.out / METRICS).is_file()]
-    paths = [p for p in paths if (p / METRICS).read_text().strip()]
+    paths = [run.out for run in runs if run.directory.read_rows(missing_ok=True)]
     table = compare_table(paths, baseline) if paths else "(no finished epoch yet)"
     atomic_write_text(Path(out) / COMPARE, table + "\n")
     return table
