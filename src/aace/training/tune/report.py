@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aace import stats
-from aace.training.checkpoint import atomic_write_json, atomic_write_text
+from aace.runs import RunDirectory, atomic_write_json, atomic_write_text
 from aace.training.config import RunConfig
 from aace.training.tune.sampling import final_study
 from aace.training.tune.scoring import rank_key
@@ -158,9 +158,9 @@ def _finals(spec: TuneSpec, study: Any) -> dict[str, Any]:
             by_seed.setdefault(run["seed"], run)
     tests = {}
     for seed, run in sorted(by_seed.items()):
-        summary = Path(run["run"]) / "summary.json"
-        if summary.is_file():
-            tests[seed] = json.loads(summary.read_text()).get("test_acc_at_selected")
+        directory = RunDirectory(run["run"])
+        if directory.finished:
+            tests[seed] = directory.read_summary().get("test_acc_at_selected")
     values = [v for v in tests.values() if v is not None]
     low, high = stats.confidence_interval(values)
     mean, sd = stats.mean_sd(values)

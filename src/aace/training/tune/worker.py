@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import math
 import multiprocessing
 import os
@@ -31,6 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from aace.runs import RunDirectory
 from aace.training.config import ConfigError
 from aace.training.preemption import EXIT_PREEMPTED, Preempted, deferred_signal
 from aace.training.tune import report
@@ -117,13 +117,6 @@ def _run_lock(out: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def read_rows(out: Path) -> list[dict[str, Any]]:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _params(spec: TuneSpec, study: Any, name: str, optimizer: str, trial: Any) -> dict:
@@ -232,7 +225,9 @@ def _train_trial(
                 except NonFiniteError as error:
                     print(f"aace tune: {error}", file=log_file, flush=True)
                     diverged = True
-        score = run_score(read_rows(out), spec.score, diverged=diverged)
+        score = run_score(
+            RunDirectory(out).read_rows(missing_ok=True), spec.score, diverged=diverged
+        )
         results.append({"run": str(out), "seed": seed, **score.to_dict()})
     return results
 
