@@ -319,7 +319,7 @@ def _train_all(
 def _describe(outcome: Outcome) -> str:
     name = outcome.run.name
     if outcome.stopped:
-        return f"{name}: stopped on a signal ({outcome.error or 'checkpoint written'})"
+        return f"{name}: stopped on SIGTERM or SIGINT ({outcome.error or 'checkpoint written'})"
     if outcome.error is not None:
         return f"{name}: failed: {outcome.error} (log: {outcome.run.out / LOG})"
     summary = outcome.summary or {}
