@@ -5,7 +5,7 @@ A run's score is read from its ``metrics.jsonl`` rows; higher is better for ever
 * ``best-val-acc``: the highest validation accuracy over the epochs (the epoch a user keeps:
   the final runs report test accuracy at that epoch); second measure: minus the validation
   loss at that epoch.
-* ``last-val-acc``: the mean validation accuracy over the last :data:`LAST_EPOCHS` epochs (less
+* ``last-val-acc``: the mean validation accuracy over the last ``LAST_EPOCHS`` epochs (less
   sensitive to one lucky epoch); second measure: minus the mean validation loss there.
 * ``best-val-loss``: minus the lowest validation loss over the epochs; second measure: the
   validation accuracy at that epoch.
@@ -13,7 +13,7 @@ A run's score is read from its ``metrics.jsonl`` rows; higher is better for ever
 A configuration's score is the mean over its search seeds. Configurations are ranked by score,
 then by the second measure (equal scores are common: the validation split counts images), then
 by their parameters (smaller first), never by trial number. A run that diverged (non-finite
-loss) scores :data:`DIVERGED`, so that a sampler sees it as bad rather than ignoring it.
+loss) scores ``DIVERGED``, so that a sampler sees it as bad rather than ignoring it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def run_score(rows: list[dict[str, Any]], score: str, diverged: bool = False) ->
     """The score of a run with these metrics rows (all epochs so far).
 
     Raises:
-        ValueError: ``score`` is not one of :data:`SCORES`, or no row has a validation score.
+        ValueError: ``score`` is not one of ``SCORES``, or no row has a validation score.
     """
     if score not in SCORES:
         raise ValueError(f"score: got {score!r}; expected one of {', '.join(SCORES)}")
