@@ -7,8 +7,8 @@ dense, seed-repeated grid of real runs.
 2. The truth: per rho, the test accuracy at the validation-selected epoch averaged over all
    seeds. The best rho's mean minus one standard error (sd / sqrt(seeds)) bounds the *good*
    radii: a search succeeds when it picks one of them.
-3. The designs, replayed from the pool without training: a grid of 7 points (every other
-   point: the default of ``aace tune``) or all 13, scored with 1 or 2 (3) search seeds, for
+3. The designs, replayed from the pool without training: a grid of every other point (13 -> 7:
+   the default of ``aace tune``) or all of them, scored with 1 or 2 (3) search seeds, for
    each score of :mod:`aace.training.tune.scoring`, over every subset of the pool's seeds
    as the search seeds. Reported: how often the choice is good, how often it is the design's
    most frequent choice (consistency across seeds), and the epochs the design trains.
@@ -98,9 +98,12 @@ def main() -> None:
             "test_acc_at_selected": {str(rho): v for rho, v in truth.items()},
             "best": best, "se": se, "good": sorted(good),
         }  # fmt: skip
-        designs = [(points, s) for points in (7, len(dense)) for s in (1, 2, 3) if s <= len(seeds)]
-        for (points, s), score in itertools.product(designs, SCORES):
-            grid = dense[:: (len(dense) - 1) // (points - 1)] if points < len(dense) else dense
+        # Every other point (13 -> 7: the default grid of aace tune on the same range), and all.
+        sparse = dense[::2] if len(dense) % 2 == 1 else dense
+        designs = [(g, s) for g in (sparse, dense) for s in (1, 2, 3) if s <= len(seeds)]
+        designs = list(dict.fromkeys((tuple(g), s) for g, s in designs))
+        for (grid, s), score in itertools.product(designs, SCORES):
+            points = len(grid)
             choices = []
             for subset in itertools.combinations(seeds, s):
                 scored = []
