@@ -33,6 +33,8 @@ from typing import Any
 from aace.runs import RunDirectory
 from aace.training.config import ConfigError
 from aace.training.preemption import EXIT_PREEMPTED, Preempted, deferred_signal
+from aace.training.step import NonFiniteError
+from aace.training.trainer import Trainer
 from aace.training.tune import report
 from aace.training.tune.sampling import FINAL, study_names
 from aace.training.tune.scoring import run_score
@@ -202,8 +204,6 @@ def _train_trial(
     spec: TuneSpec, name: str, optimizer: str, params: dict, seeds: list[int], progress: _Progress
 ) -> list[dict[str, Any]]:
     """Train (or resume) the trial's runs in turn; each run's directory, seed and score."""
-    from aace.training.step import NonFiniteError
-    from aace.training.trainer import Trainer
 
     final = name.endswith(FINAL)
     results = []
