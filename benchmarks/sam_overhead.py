@@ -36,16 +36,15 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import _common
 import torch
 import torch.nn.functional as F
+from running_stats import batchnorm_flag_only
 from sam_step import RHO, SGD_KWARGS, LoopSAM, cnn13
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from aace import SAM, aace_loss, frozen_running_stats
 
@@ -65,19 +64,6 @@ def sam_step(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> No
     with frozen_running_stats(model):
         F.cross_entropy(model(x), y).backward()
     opt.second_step(zero_grad=True)
-
-
-@contextmanager
-def batchnorm_flag_only(model: nn.Module) -> Iterator[None]:
-    """The former ``frozen_batchnorm_stats``: BatchNorm's flag off, other buffers left alone."""
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    for layer in layers:
-        layer.track_running_stats = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.track_running_stats = True
 
 
 def sam_step_batchnorm_only(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
