@@ -50,6 +50,7 @@ from _common import DEFAULT_OUT_DIR, markdown_table, write_results
 from label_noise import dataset_spec
 
 from aace import stats
+from aace.runs import RunDirectory, atomic_write_json, selected_row
 
 CIFAR5K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_5k.npz"
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -117,24 +118,38 @@ def plan(args: argparse.Namespace) -> int:
     return total * len(args.split_seeds)
 
 
+def part_file(args: argparse.Namespace, split: int, rule: str) -> Path:
+    """The finished part of a setting: one rule's search and finals on one split, summarized
+    (``collect``). Committed beside the results, so a report or a resumed study on another
+    machine needs no run folder; delete it to run that rule again."""
+    return args.out_dir / "verdict" / args.setting / f"split{split}" / f"{rule}.json"
+
+
 def run(args: argparse.Namespace) -> None:
     for split in args.split_seeds:
         for rule in args.rules:
+            part = part_file(args, split, rule)
+            if part.is_file():
+                print(f"[verdict {args.setting} split {split}] {rule}: done ({part})", flush=True)
+                continue
             command = tune_command(args, split, rule)
             print(f"[verdict {args.setting} split {split}] {shlex.join(command)}", flush=True)
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "aace", *command[1:]], check=True)
-            with open(rule_dir(args, split, rule) / "verdict-sessions.jsonl", "a") as file:
+            with open(rule_dir(args, split, rule) / SESSIONS, "a") as file:
                 file.write(json.dumps({"seconds": time.perf_counter() - started,
                                        "command": shlex.join(command)}) + "\n")  # fmt: skip
+            entry = collect(args, split, rule)
+            assert entry is not None, (
+                f"aace tune left no tune.json in {rule_dir(args, split, rule)}"
+            )
+            part.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(part, entry)
 
 
 # -- report -------------------------------------------------------------------------------------
 
-
-def _rows(run: str | Path) -> list[dict[str, Any]]:
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path else []
+SESSIONS = "verdict-sessions.jsonl"  # wall clock of each sitting of a rule's study
 
 
 def _last_third(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -143,11 +158,10 @@ def _last_third(rows: list[dict[str, Any]], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def _test_at_selected(rows: list[dict[str, Any]]) -> float:
-    return max(rows, key=lambda r: r["val_acc"])["test_acc"]
-
-
 def collect(args: argparse.Namespace, split: int, rule: str) -> dict[str, Any] | None:
+    """One rule's study on one split, from its ``tune.json`` and runs: the choice, its
+    uncertainty, the paired final tests, the mechanism columns, the grid (for sensitivity) and
+    the compute. None before the study has a ``tune.json``."""
     path = rule_dir(args, split, rule) / "tune.json"
     if not path.is_file():
         return None
@@ -158,20 +172,25 @@ def collect(args: argparse.Namespace, split: int, rule: str) -> dict[str, Any] |
     for configuration in entry["configurations"]:
         if configuration["state"] != "full":
             continue
-        rows = [_rows(r["run"]) for r in configuration["runs"]]
-        radii = [_last_third(r, "perturbation_norm") for r in rows]
+        rows = [RunDirectory(r["run"]).read_rows() for r in configuration["runs"]]
+        radii = [x for r in rows if (x := _last_third(r, "perturbation_norm")) is not None]
         grid.append({
             "rho": configuration["params"].get("rho"),
-            "test": statistics.fmean(_test_at_selected(r) for r in rows),
-            "radius": statistics.fmean(x for x in radii if x is not None)
-            if any(x is not None for x in radii) else None,
+            "val": statistics.fmean(r["score"] for r in configuration["runs"]),
+            "test": statistics.fmean(selected_row(r)["test_acc"] for r in rows),
+            "radius": statistics.fmean(radii) if radii else None,
         })  # fmt: skip
-    final_rows = [_rows(run) for run in final["runs"]]
+    final_rows = [RunDirectory(run).read_rows() for run in final["runs"]]
 
     def mean_last_third(key: str) -> float | None:
         values = [x for r in final_rows if (x := _last_third(r, key)) is not None]
         return statistics.fmean(values) if values else None
 
+    sessions = rule_dir(args, split, rule) / SESSIONS
+    sittings = (
+        [json.loads(x) for x in sessions.read_text().splitlines()] if sessions.is_file() else []
+    )
+    epoch_seconds = [row["seconds"] for rows in final_rows for row in rows if row.get("seconds")]
     return {
         "rule": rule,
         "chosen": entry.get("best"),
@@ -183,7 +202,23 @@ def collect(args: argparse.Namespace, split: int, rule: str) -> dict[str, Any] |
         "cosine": mean_last_third("perturbation_cosine"),
         "grid": grid,
         "epochs": entry.get("epochs_trained", 0) + sum(len(r) for r in final_rows),
+        "wall_seconds": sum(s["seconds"] for s in sittings) or None,
+        "final_epoch_seconds": statistics.fmean(epoch_seconds) if epoch_seconds else None,
+        "commands": sorted({s["command"] for s in sittings}),
     }  # fmt: skip
+
+
+def entry_of(args: argparse.Namespace, split: int, rule: str) -> dict[str, Any] | None:
+    """The rule's part file, made from its run folder when that has a study and the part does
+    not exist yet."""
+    part = part_file(args, split, rule)
+    if part.is_file():
+        return json.loads(part.read_text())
+    entry = collect(args, split, rule)
+    if entry is not None and entry["tests"]:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(part, entry)
+    return entry
 
 
 def _pp(value: float | None, sign: bool = False) -> str:
@@ -220,71 +255,195 @@ def _compare(entries: dict[str, dict[str, Any]], margin: float) -> dict[str, dic
     return results
 
 
-def report(args: argparse.Namespace) -> str:
-    splits, tables, extra = {}, [], {}
-    for split in args.split_seeds:
-        entries = {r: e for r in args.rules if (e := collect(args, split, r)) is not None}
-        if "sam" not in entries:
-            continue
-        comparisons = _compare(entries, args.margin)
-        splits[split] = {"entries": entries, "vs_sam": comparisons}
-        rows = []
-        for rule, e in entries.items():
-            versus = comparisons.get(rule, {})
-            low, high = stats.confidence_interval(e["tests"])
-            chosen = ", ".join(f"{k}={v:g}" for k, v in (e["chosen"] or {}).items())
-            interval = "–"
-            if versus:
-                interval = f"[{_pp(versus['ci95'][0], True)}, {_pp(versus['ci95'][1], True)}]"
-            rows.append([
-                rule, chosen or "–",
-                "; ".join(f"{p['rho']:g}" for p in e["within_2se"] if "rho" in p) or "–",
-                e["at_range_end"] or "", stats.mean_sd_text(e["tests"]),
-                f"[{_pp(low)}, {_pp(high)}]" if e["tests"] and len(e["tests"]) > 1 else "–",
-                len(e["tests"]), _pp(versus.get("difference"), sign=True),
-                interval,
-                "–" if not versus else f"{versus['p_holm']:.3g}",
-                versus.get("verdict", "–"),
-                "–" if e["radius"] is None else f"{e['radius']:.3g}",
-                "–" if e["cosine"] is None else f"{e['cosine']:.3f}",
-            ])  # fmt: skip
-        tables.append(f"### Validation split seed {split}\n\n" + markdown_table(
-            ["rule", "chosen", "within 2 SE", "at range end", "test acc (%)", "95 % CI", "n",
-             "Δ vs SAM (pp)", "95 % CI", "p (Holm)", "verdict", "effective radius", "cosine"],
-            rows,
-        ))  # fmt: skip
-        sensitivity = []
-        for rule, e in entries.items():
-            tests = sorted((g["test"] for g in e["grid"]), reverse=True)
-            if len(tests) < 2:
-                continue
+def _verdict_line(rule: str, versus: dict[str, Any], margin: float) -> str:
+    low, high = versus["ci95"]
+    return (
+        f"{rule}: {_pp(versus['difference'], True)} pp against SAM, 95 % CI "
+        f"[{_pp(low, True)}, {_pp(high, True)}], n = {versus['n']} paired seeds: "
+        f"**{versus['verdict']}** (Holm p = {versus['p_holm']:.2g}, TOST p = "
+        f"{versus['tost_p']:.2g} at ±{margin:g} pp; detectable: "
+        f"{100 * versus['detectable']:.2f} pp)"
+    )
+
+
+def _split_tables(split: int, entries: dict[str, dict[str, Any]],
+                  comparisons: dict[str, dict[str, Any]]) -> list[str]:  # fmt: skip
+    final, search, sensitivity, compute = [], [], [], []
+    for rule, e in entries.items():
+        versus = comparisons.get(rule, {})
+        low, high = stats.confidence_interval(e["tests"]) if e["tests"] else (None, None)
+        chosen = ", ".join(f"{k}={v:.3g}" for k, v in (e["chosen"] or {}).items()) or "–"
+        final.append([
+            rule, chosen, stats.mean_sd_text(e["tests"]),
+            f"[{_pp(low)}, {_pp(high)}]" if len(e["tests"]) > 1 else "–",
+            _pp(versus.get("difference"), sign=True),
+            f"[{_pp(versus['ci95'][0], True)}, {_pp(versus['ci95'][1], True)}]" if versus else "–",
+            f"{versus['p_holm']:.2g}" if versus else "–",
+            f"{versus['tost_p']:.2g}" if versus else "–",
+            versus.get("verdict", "–"),
+        ])  # fmt: skip
+        search.append([
+            rule, chosen, "–" if e["score"] is None else f"{100 * e['score']:.2f}",
+            "–" if e["se"] is None else f"{100 * e['se']:.2f}", e["val_count"] or "–",
+            "; ".join(f"{p['rho']:.3g}" for p in e["within_2se"] if "rho" in p) or "–",
+            e["at_range_end"] or "",
+            "–" if e["radius"] is None else f"{e['radius']:.3g}",
+            "–" if e["cosine"] is None else f"{e['cosine']:.3f}",
+        ])  # fmt: skip
+        tests = sorted((g["test"] for g in e["grid"]), reverse=True)
+        if len(tests) > 1:
             best = tests[0]
             close = [g for g in e["grid"] if g["test"] >= best - 0.01]
             sensitivity.append([
                 rule, _pp(best), _pp(best - statistics.median(tests)), _pp(best - tests[-1]),
-                ", ".join(f"{g['rho']:g}" for g in close),
+                ", ".join(f"{g['rho']:.3g}" for g in close),
                 ", ".join("–" if g["radius"] is None else f"{g['radius']:.3g}" for g in close),
             ])  # fmt: skip
-        if sensitivity:
-            tables.append(
-                f"Sensitivity to rho (search runs, split seed {split})\n\n"
-                + markdown_table(
-                    ["rule", "best grid test acc (%)", "loss to median (pp)", "loss to worst (pp)",
-                     "rho within 1 pp", "their effective radius"], sensitivity,
-                )
+        compute.append([
+            rule, e["epochs"],
+            "–" if not e.get("wall_seconds") else f"{e['wall_seconds'] / 3600:.2f}",
+            "–" if not e.get("final_epoch_seconds") else f"{e['final_epoch_seconds']:.2f}",
+        ])  # fmt: skip
+    tables = [
+        f"## Final seeds, split seed {split}\n\nTest accuracy (%) at the epoch the validation "
+        "split selects, at each rule's chosen rho; Δ is the paired difference against SAM.\n\n"
+        + markdown_table(
+            [
+                "rule",
+                "chosen",
+                "test acc",
+                "95 % CI",
+                "Δ vs SAM (pp)",
+                "95 % CI",
+                "p (Holm)",
+                "TOST p",
+                "verdict",
+            ],
+            final,
+        ),  # fmt: skip
+        f"## Search, split seed {split}\n\nValidation accuracy (%) of the chosen "
+        "configuration (mean over search seeds) with its SE, the validation images, the radii "
+        "within two SE of the best; the mechanism columns are the final runs' mean over the last "
+        "third of training (effective radius: the norm of the perturbation; cosine: between "
+        "consecutive perturbations).\n\n"
+        + markdown_table(
+            [
+                "rule",
+                "chosen",
+                "val acc",
+                "SE",
+                "val images",
+                "within 2 SE",
+                "at range end",
+                "effective radius",
+                "cosine",
+            ],
+            search,
+        ),  # fmt: skip
+    ]
+    if sensitivity:
+        tables.append(
+            f"## Sensitivity to rho, split seed {split}\n\nFrom the search's own runs: test "
+            "accuracy (%) at the selected epoch, mean over search seeds, at the best grid point; "
+            "what the median and the worst grid point lose; the radii within 1 pp of the best.\n\n"
+            + markdown_table(
+                [
+                    "rule",
+                    "best grid test acc",
+                    "loss to median (pp)",
+                    "loss to worst (pp)",
+                    "rho within 1 pp",
+                    "their effective radius",
+                ],
+                sensitivity,
             )  # fmt: skip
-        extra[f"split{split}"] = splits[split]
-    epochs = sum(e["epochs"] for s in splits.values() for e in s["entries"].values())
-    notes = (
-        f"Protocol: {args.points} points per rule's log range, {args.search_seeds} search seed(s), "
-        f"{args.epochs} epochs (SGD ×2: {2 * args.epochs}), {args.final_seeds} paired final seeds, "
-        f"margin ±{args.margin:g} pp; {epochs} epochs trained in all."
+        )
+    tables.append(
+        f"## Compute, split seed {split}\n\n"
+        + markdown_table(
+            ["rule", "epochs trained", "wall clock (h)", "s per final epoch"], compute
+        )  # fmt: skip
     )
-    text = "\n\n".join(tables) if tables else "(no rule has a report yet)"
+    return tables
+
+
+def report(args: argparse.Namespace) -> str:
+    splits, answer, sections = {}, [], []
+    for split in args.split_seeds:
+        entries = {r: e for r in args.rules if (e := entry_of(args, split, r)) is not None}
+        if "sam" not in entries:
+            continue
+        comparisons = _compare(entries, args.margin)
+        splits[f"split{split}"] = {"entries": entries, "vs_sam": comparisons}
+        answer.append(f"Validation split seed {split}:\n")
+        answer += [f"- {_verdict_line(r, v, args.margin)}" for r, v in comparisons.items()]
+        answer.append("")
+        sections += _split_tables(split, entries, comparisons)
+    epochs = sum(e["epochs"] for s in splits.values() for e in s["entries"].values())
+    hours = sum(e.get("wall_seconds") or 0 for s in splits.values() for e in s["entries"].values())
+    protocol = (
+        f"Protocol: {args.points} grid points per rule's log range of rho, {args.search_seeds} "
+        f"search seeds, {args.epochs} epochs (SGD ×2: {2 * args.epochs}), validation split "
+        f"{args.val_split:g} (seeds {', '.join(map(str, args.split_seeds))}), "
+        f"{args.final_seeds} paired final seeds, margin ±{args.margin:g} pp; "
+        f"{epochs} epochs trained in all, {hours / 3600:.1f} h of wall clock."
+    )
+    text = "\n\n".join(
+        ["## Answer\n\n" + protocol + "\n\n" + "\n".join(answer), *sections]
+        if splits
+        else ["(no rule has a report yet)"]
+    )
     write_results(f"verdict-{args.setting}", [], text, args.out_dir, device=torch.device("cpu"),
-                  config={k: str(v) for k, v in vars(args).items()}, extra=extra,
-                  notes=notes)  # fmt: skip
-    return text + "\n\n" + notes
+                  config={k: str(v) for k, v in vars(args).items()}, extra=splits)  # fmt: skip
+    figure(args.out_dir, args.margin)
+    return text
+
+
+def figure(out_dir: Path, margin: float) -> Path | None:
+    """``verdict.png``: per setting found in ``out_dir``, each rule's paired difference against
+    SAM with its 95 % interval, one marker per validation split, the equivalence margin shaded."""
+    results = {}
+    for setting in SETTINGS:
+        path = out_dir / f"verdict-{setting}.json"
+        if path.is_file():
+            data = json.loads(path.read_text())
+            splits = {k: v["vs_sam"] for k, v in data.items() if k.startswith("split")}
+            if any(splits.values()):
+                results[setting] = splits
+    if not results:
+        return None
+    import matplotlib  # the figure is optional: only the report needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False,
+                             sharey=True)  # fmt: skip
+    for ax, (setting, splits) in zip(axes[0], results.items()):
+        rules = [r for r in [*RULES, SGD_DOUBLE] if any(r in s for s in splits.values())]
+        ax.axhspan(-margin, margin, color="0.9", label=f"±{margin:g} pp")
+        ax.axhline(0, color="0.5", linewidth=0.8)
+        for k, (name, versus) in enumerate(splits.items()):
+            for i, rule in enumerate(rules):
+                if rule not in versus:
+                    continue
+                v = versus[rule]
+                x = i + (k - (len(splits) - 1) / 2) * 0.25
+                low, high = (100 * c for c in v["ci95"])
+                ax.errorbar(x, 100 * v["difference"], yerr=[[100 * v["difference"] - low],
+                            [high - 100 * v["difference"]]], fmt="o", capsize=3,
+                            color=f"C{k}", label=name.replace("split", "split seed ")
+                            if i == 0 else None)  # fmt: skip
+        ax.set_xticks(range(len(rules)), rules, rotation=35, ha="right")
+        ax.set_title(setting)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy − SAM's (pp), 95 % CI")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path = out_dir / "verdict.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
