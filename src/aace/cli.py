@@ -8,12 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import signal
 import sys
-import threading
-import time
-import traceback
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +30,7 @@ from aace.training.config import (
     preset,
     read_config_file,
 )
-from aace.training.distributed import on_all_ranks, raised_on_all_ranks
+from aace.training.distributed import on_all_ranks
 from aace.training.evaluate import evaluate, load_trained_model
 from aace.training.preemption import (
     EXIT_INTERRUPTED,
@@ -46,6 +42,14 @@ from aace.training.sharpness_run import add_arguments as add_sharpness_arguments
 from aace.training.sharpness_run import run_sharpness, settings_from_args
 from aace.training.step import NonFiniteError
 from aace.training.trainer import Trainer
+from aace.training.workers import (
+    await_rank_zero,
+    first_line,
+    lost_contact,
+    rank,
+    report_failure,
+    world_size,
+)
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -56,10 +60,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but its usage errors are one line like every other error of the CLI."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        rank = _rank()  # every rank of a torchrun job parses the same command line
-        if rank and not _await_rank_zero(EXIT_USAGE):
+        this_rank = rank()  # every rank of a torchrun job parses the same command line
+        if this_rank and not await_rank_zero(EXIT_USAGE):
             raise SystemExit(EXIT_USAGE)  # rank 0 reports it
-        print(f"aace: error: {f'[rank {rank}] ' if rank else ''}{message}", file=sys.stderr)
+        print(
+            f"aace: error: {f'[rank {this_rank}] ' if this_rank else ''}{message}", file=sys.stderr
+        )
         print(f"hint: {self.prog} --help lists the options", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USAGE)
 
@@ -346,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_args_after_dashes(command: str, argv: list[str]) -> argparse.Namespace | int:
     """The ``aace train`` flags given after ``--`` to ``aace sweep`` or ``aace tune``, parsed;
     or the exit status when parsing ended (a usage error, reported in one line, or --help)."""
-    if _rank_count() > 1:
+    if world_size() > 1:
         raise ConfigError(f"aace {command} starts its own processes; run it without torchrun")
     train_parser = _Parser(prog="aace train")
     _train_arguments(train_parser)
@@ -563,7 +569,7 @@ def _presets() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if _rank_count() > 1:
+    if world_size() > 1:
         defer_sigterm()
     parser = build_parser()
     try:
@@ -573,28 +579,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt as error:
-        return _fail(
+        return report_failure(
             on_all_ranks(error), _interrupted(args), EXIT_INTERRUPTED, debug=False, prefix="aace: "
         )
     except Preempted as error:
         status = EXIT_INTERRUPTED if error.signum == signal.SIGINT else EXIT_PREEMPTED
-        return _fail(error, str(error), status, args.debug, prefix="aace: ")
+        return report_failure(error, str(error), status, args.debug, prefix="aace: ")
     except NonFiniteError as error:
-        return _fail(error, str(error), EXIT_NONFINITE, args.debug)
+        return report_failure(error, str(error), EXIT_NONFINITE, args.debug)
     except RuntimeError as error:
-        if not _lost_contact(error):
+        if not lost_contact(error):
             raise
         message = (
-            f"lost contact with another process of the job ({_first_line(error)}); its own "
+            f"lost contact with another process of the job ({first_line(error)}); its own "
             "error says why. torchrun --max-restarts restarts the job, or rerun with --resume"
         )
-        return _fail(error, message, EXIT_LOST_PROCESS, args.debug)
+        return report_failure(error, message, EXIT_LOST_PROCESS, args.debug)
     except (ValueError, OSError, MissingExtraError) as error:
         # ConfigError, DatasetError, CheckpointError, ReportError are ValueErrors.
         message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         if isinstance(error, OSError) and not isinstance(error, ValueError):
             message = f"{error.strerror or error}: {error.filename or ''}".rstrip(": ")
-        return _fail(error, message, EXIT_USAGE, args.debug)
+        return report_failure(error, message, EXIT_USAGE, args.debug)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -636,114 +642,6 @@ def _interrupted(args: argparse.Namespace) -> str:
     return (
         "interrupted before the first checkpoint; run the same command with --resume to start over"
     )
-
-
-def _fail(
-    error: BaseException, message: str, status: int, debug: bool, prefix: str = "aace: error: "
-) -> int:
-    """Report ``error`` in one line and return ``status``.
-
-    Under torchrun an error that every rank raised alike (bad input, an agreed stop) is
-    reported by rank 0 alone (see :func:`_await_rank_zero`); an error of one rank names it.
-    From here on a SIGTERM (torchrun stopping the other workers once one has exited) does not
-    change the status: while the error is reported it ends the process with that status,
-    afterwards it is ignored.
-    """
-    _exit_on_sigterm(status)
-    rank = _rank()
-    if rank and raised_on_all_ranks(error) and not _await_rank_zero(status):
-        _ignore_sigterm()
-        return status  # rank 0 reports it
-    if debug:
-        traceback.print_exception(error)
-    message = f"{prefix}{f'[rank {rank}] ' if rank else ''}{message}"
-    print(message, file=sys.stderr, flush=True)
-    _ignore_sigterm()
-    return status
-
-
-def _lost_contact(error: RuntimeError) -> bool:
-    """A collective failed because another rank died (gloo raises a plain RuntimeError)."""
-    import torch.distributed as dist
-
-    text = str(error)
-    return _rank_count() > 1 and (
-        isinstance(error, dist.DistError)
-        or "Connection closed by peer" in text
-        or "Connection reset by peer" in text
-    )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0].split("] ")[-1].split(". ")[0] if text else type(error).__name__
-
-
-def _rank_count() -> int:
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1") or 1)
-    except ValueError:
-        return 1
-
-
-def _rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
-        return 0
-
-
-def _exit_on_sigterm(status: int) -> None:
-    if _rank_count() <= 1 or threading.current_thread() is not threading.main_thread():
-        return
-
-    def exit_now(signum: int, frame: object) -> None:
-        sys.stderr.flush()
-        os._exit(status)
-
-    signal.signal(signal.SIGTERM, exit_now)
-
-
-# How long a rank other than 0 waits, after an error that every rank meets alike, for rank 0
-# to report it and exit (rank 0 may still be importing torch).
-RANK_ZERO_GRACE = 60.0
-
-
-def _await_rank_zero(status: int) -> bool:
-    """On a rank other than 0 that met an error every rank meets alike: whether this rank must
-    report it itself.
-
-    Ranks that torchrun runs on rank 0's node (``GROUP_RANK`` 0) wait for the SIGTERM with which
-    torchrun stops the other workers once rank 0 has printed the error and exited; the SIGTERM
-    ends this process with ``status``. Exiting at once would let torchrun stop rank 0, perhaps
-    still importing torch, before it printed anything: the job would fail without a word.
-    After :data:`RANK_ZERO_GRACE` seconds without a SIGTERM, True: rank 0 did not end, so this
-    rank reports the error. On another node (whose exit does not stop rank 0 at once) False at
-    once, as it is without torchrun.
-    """
-    if (
-        _rank_count() <= 1
-        or os.environ.get("GROUP_RANK", "0") != "0"
-        or threading.current_thread() is not threading.main_thread()
-    ):
-        return False
-    from aace.training.preemption import deferred_signal
-
-    if deferred_signal():  # torchrun's SIGTERM came already (remembered): rank 0 ended
-        return False
-    _exit_on_sigterm(status)
-    if deferred_signal():  # it came while the handler was being replaced
-        return False
-    time.sleep(RANK_ZERO_GRACE)
-    return True
-
-
-def _ignore_sigterm() -> None:
-    """Under torchrun, once the error is reported: nothing is left to do but exit. At shutdown
-    Python resets the handlers it installed to the default action, so a SIGTERM arriving then
-    would end the process with -15 instead of its status; an ignored signal stays ignored."""
-    if _rank_count() > 1 and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
