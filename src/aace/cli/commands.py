@@ -141,7 +141,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "sharpness":
         settings = settings_from_args(args)
-        path = run_sharpness(args.run, settings, args.out, log=lambda line: print(line, flush=True))
+        path = run_sharpness(
+            args.run, settings, args.output_file, log=lambda line: print(line, flush=True)
+        )
         print(f"wrote {path}")
         return 0
     if args.command == "sweep":

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hessian eigenvalues and trace, adaptive sharpness, loss landscapes of a run's model",
     )
     add_sharpness_arguments(sharpness)
+    add_deprecated(sharpness, "--out", "--output-file")
 
     add_sweep_parser(commands)
     add_tune_parser(commands)

@@ -46,8 +46,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class SharpnessSettings:
-    """What ``aace sharpness`` measures and how (its flags, less the run and ``--out``); saved
-    as ``settings`` in ``sharpness.json``."""
+    """What ``aace sharpness`` measures and how (its flags, less the run and
+    ``--output-file``); saved as ``settings`` in ``sharpness.json``."""
 
     images: int = 1024  # training images measured on
     batch_size: int = 128  # the m of m-sharpness
@@ -145,7 +145,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--device", choices=DEVICES, default=d.device)
     add("--data-dir", help="override the dataset directory of the run")
-    add("--out", help=f"output file (default RUN_DIR/{SHARPNESS})")
+    add(
+        "--output-file",
+        metavar="FILE",
+        help=f"the JSON to write (default RUN_DIR/{SHARPNESS}); a landscape PNG goes beside it",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> SharpnessSettings:
