@@ -40,7 +40,16 @@ def add_sweep_parser(commands: argparse._SubParsersAction) -> None:
         "--rhos", help="comma-separated rho values for the SAM optimizers given without :RHO"
     )
     add_deprecated(parser, "--rho", "--rhos")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the first seed (default 0); --seeds counts from it"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        metavar="N",
+        help="train every cell with N seeds: SEED ... SEED+N-1 (default 3)",
+    )
     parser.add_argument(
         "--label-noise", metavar="RATES", help="comma-separated label-noise rates, e.g. 0,0.2,0.4"
     )
@@ -96,7 +105,7 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         metavar="S",
-        help="train every configuration with seeds SEED ... SEED+S-1 and score their mean "
+        help="train every configuration with S seeds: SEED ... SEED+S-1, and score their mean "
         "(default 1)",
     )
     parser.add_argument(
@@ -111,20 +120,25 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> None:
         type=float,
         default=0.1,
         metavar="F",
-        help="fraction of the training set held out to choose on (default 0.1, as in SAM)",
+        help="fraction of the training set held out to choose on, 0 < F < 1 (default 0.1, as "
+        "in SAM; aace train's default 0 holds out nothing, but tune needs a split)",
     )
     parser.add_argument("--val-split-seed", type=int, default=0, metavar="S", help="default 0")
     parser.add_argument(
-        "--seed", type=int, default=0, help="the first search seed (default 0); see --final-seeds"
+        "--seed",
+        type=int,
+        default=0,
+        help="the first seed (default 0); --search-seeds counts from it, --final-seeds from "
+        "where the search's end",
     )
     parser.add_argument(
         "--final-seeds",
         type=int,
         default=0,
         metavar="K",
-        help="train each optimizer's chosen configuration with the same K new seeds "
-        "(SEED+S ... SEED+S+K-1) and report its test accuracy at the validation-selected epoch "
-        "(default 0)",
+        help="train each optimizer's chosen configuration with the K seeds that follow the "
+        "search's: SEED+S ... SEED+S+K-1, the same for every optimizer, and report its test "
+        "accuracy at the validation-selected epoch (default 0)",
     )
     parser.add_argument(
         "--baseline",
@@ -193,7 +207,7 @@ def _train_args_after_dashes(command: str, argv: list[str]) -> argparse.Namespac
 
 # The sweep sets these itself; after -- they would be ambiguous.
 _SWEEP_OWNED = ("optimizer", "rho", "seed", "out", "resume", "label_noise")
-_SWEEP_FLAGS = {"seed": " (--seeds N)", "optimizer": " (--optimizers)", "rho": " (--rhos)"}
+_SWEEP_FLAGS = {"seed": " (--seed, --seeds N)", "optimizer": " (--optimizers)", "rho": " (--rhos)"}
 
 
 def sweep_command(args: argparse.Namespace) -> int:
@@ -214,6 +228,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         sweep.parse_numbers("rhos", args.rhos, 0, math.inf) if args.rhos else None,
         args.seeds,
         sweep.parse_numbers("label-noise", args.label_noise, 0, 1) if args.label_noise else None,
+        seed=args.seed,
     )
     labels = {run_label(run.config.to_dict()) for run in runs}
     if args.baseline is not None and args.baseline not in labels:

@@ -156,7 +156,8 @@ class RunConfig:
         0.0,
         "hold out fraction F of the training set (after --label-noise), stratified per class, "
         "as a validation split: metrics gain val_loss/val_acc, the run keeps the weights of its "
-        "best-val_acc epoch in best.pt (0 <= F < 1; 0: no split)",
+        "best-val_acc epoch in best.pt (0 <= F < 1; 0: no split; aace tune, which needs one, "
+        "defaults to 0.1)",
         metavar="F",
     )
     val_split_seed: int = option(
