@@ -563,6 +563,24 @@ def test_sharpness_command_writes_its_json_and_compare_shows_it(tiny_runs, capsy
     assert "| – | – | – |" in table  # the wrn10_2 run has no sharpness.json
 
 
+def test_sharpness_output_file_and_its_old_spelling(tiny_runs, tmp_path, capsys):
+    """``--output-file FILE`` names the JSON (``--out`` is a folder everywhere else); ``--out
+    FILE``, its old spelling, still works for one release with one warning line."""
+    from aace.cli import main
+
+    _, runs = tiny_runs
+    argv = ["sharpness", str(runs["wrn10_1"]), *FAST_SHARPNESS, "--top-k", "0", "--samples", "0"]
+    argv += ["--average-samples", "0", "--steps", "1"]
+    for flag, name in (("--output-file", "new.json"), ("--out", "old.json")):
+        assert main([*argv, flag, str(tmp_path / name)]) == 0
+        assert json.loads((tmp_path / name).read_text())["adaptive_sharpness"] >= 0
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        expected = (
+            ["aace: warning: --out is deprecated; use --output-file"] if flag == "--out" else []
+        )
+        assert warnings == expected
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -579,7 +597,7 @@ def test_sharpness_command_bad_input_is_one_line_and_exit_2(tiny_runs, extra, me
 
     _, runs = tiny_runs
     extra = [str(runs["wrn10_2"] / "checkpoint.pt") if a == "OTHER" else a for a in extra]
-    assert main(["sharpness", str(runs["wrn10_1"]), "--out", "/dev/null", *extra]) == 2
+    assert main(["sharpness", str(runs["wrn10_1"]), "--output-file", "/dev/null", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("aace: error: ")
     assert re.search(message, err), err

@@ -141,6 +141,19 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert err.startswith("aace: error:")
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_before_or_after_the_subcommand(where, tmp_path, capsys):
+    argv = ["train", "--rho", "-1", "--out", str(tmp_path / "r")]
+    argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "ConfigError" in err
+    assert (
+        err.strip().splitlines()[-1]
+        == "aace: error: --rho: got -1.0; expected a finite number >= 0"
+    )
+
+
 def test_corrupted_checkpoint_and_foreign_file(tmp_path, capsys):
     truncated = tmp_path / "checkpoint.pt"
     truncated.write_bytes(b"PK\x03\x04 not really a zip")

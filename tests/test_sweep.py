@@ -73,6 +73,7 @@ def test_plan_names_order_and_configurations():
         (lambda: sweep.parse_optimizers("adam"), "--optimizers: got 'adam'; expected"),
         (lambda: sweep.parse_numbers("label-noise", "0,2", 0, 1), "--label-noise: got 2 in '0,2'"),
         (lambda: sweep.plan({}, "o", [("sgd", None)], seeds=0), "--seeds: got 0; expected"),
+        (lambda: sweep.plan({}, "o", [("sgd", None)], seed=-1), "--seed: got -1; expected"),
         (lambda: sweep.plan({"lr": -1}, "o", [("sgd", None)]), "--lr: got -1; expected"),
     ],
 )
@@ -80,6 +81,23 @@ def test_bad_grid_is_named(call, message):
     with pytest.raises(ConfigError) as error:
         call()
     assert message in str(error.value)
+
+
+def test_seed_is_the_first_seed_and_seeds_count_from_it(tiny_npz, tmp_path, monkeypatch):
+    planned = []
+
+    def record(runs, jobs, log):
+        planned.extend(runs)
+        return []
+
+    monkeypatch.setattr(sweep, "run_sweep", record)
+    monkeypatch.setattr(sweep, "write_comparison", lambda runs, out, baseline: "")
+    argv = ["sweep", "--out", str(tmp_path / "s"), "--optimizers", "sgd", "--seed", "5"]
+    assert main([*argv, "--seeds", "2", "--", *_train_args(tiny_npz)]) == 0
+    assert [(run.name, run.config.seed) for run in planned] == [("sgd-s5", 5), ("sgd-s6", 6)]
+    planned.clear()  # without --seed: 0 ... N-1, as before
+    assert main([*argv[:-2], "--seeds", "2", "--", *_train_args(tiny_npz)]) == 0
+    assert [run.name for run in planned] == ["sgd-s0", "sgd-s1"]
 
 
 def test_sweep_trains_the_grid_in_parallel_and_rerunning_trains_nothing(
@@ -164,7 +182,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(tiny_npz, tmp_path, cap
 @pytest.mark.parametrize(
     ("extra", "after", "message"),
     [
-        ([], ["--seed", "1"], "--seed after --: the sweep sets it for each run"),
+        ([], ["--seed", "1"], "before -- instead (--seed, --seeds N)"),
         ([], ["--rho", "0.1"], "--rho after --: the sweep sets it"),
         (["--baseline", "adam"], [], "--baseline: got 'adam'; expected one of the sweep's"),
         (["--jobs", "0"], [], "--jobs: got 0; expected an integer >= 1"),

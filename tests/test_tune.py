@@ -446,7 +446,7 @@ def test_ctrl_c_stops_at_a_checkpoint_and_requeues_the_trial(npz_path, tmp_path)
     ("options", "message"),
     [
         (["--rho", "0.01:1:log", "--lr", "0.01:1:log"], "--trials: not given"),
-        (["--rho", "0.1", "--val-split", "0"], "--val-split: got 0.0"),
+        (["--rho", "0.1", "--val-split", "0"], "--val-split: got 0.0; expected a number in (0, 1)"),
         (["--rho", "0.1", "--baseline", "sgd"], "--baseline: got 'sgd'"),
         (["--rho", "x"], "--rho: got 'x'"),
         (["--rho", "0.1", "--pruner", "asha"], "--pruner: pruning was removed"),

@@ -60,7 +60,7 @@ OPTIMIZER_TABLE: dict[str, OptimizerInfo] = {
             rule="aace-normalized",
             default_rho=0.05,
             perturbation_loss="aace",
-        ),  # fmt: skip
+        ),
         OptimizerInfo("asam", rule="sam", adaptive=True, default_rho=0.5),
         OptimizerInfo("sam-bisam", rule="sam", default_rho=0.05, perturbation_loss="bisam"),
     )
@@ -128,6 +128,11 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def seed_option(what: str) -> Any:
+    """A :class:`RunConfig` seed (default 0) of ``what`` alone, independent of ``--seed``."""
+    return option(0, f"seed of {what}, independent of --seed", metavar="S")
+
+
 @dataclass
 class RunConfig:
     """Everything that determines a run. Saved as ``config.json`` and in every checkpoint.
@@ -147,21 +152,18 @@ class RunConfig:
         "(symmetric noise; test set untouched)",
         metavar="RATE",
     )
-    label_noise_seed: int = option(
-        0, "seed of the label corruption, independent of --seed", metavar="S"
-    )
+    label_noise_seed: int = seed_option("the label corruption")
     # A validation split held out of the (noisy) training set, stratified per class
     # (aace.data.validation_split), under a seed of its own; 0: no split.
     val_split: float = option(
         0.0,
         "hold out fraction F of the training set (after --label-noise), stratified per class, "
         "as a validation split: metrics gain val_loss/val_acc, the run keeps the weights of its "
-        "best-val_acc epoch in best.pt (0 <= F < 1; 0: no split)",
+        "best-val_acc epoch in best.pt (0 <= F < 1; 0: no split; aace tune, which needs one, "
+        "defaults to 0.1)",
         metavar="F",
     )
-    val_split_seed: int = option(
-        0, "seed of the validation split, independent of --seed", metavar="S"
-    )
+    val_split_seed: int = seed_option("the validation split")
     model: str = option(
         "wrn16_1",
         "wrn{depth}_{width}, pyramidnet{depth}_{alpha}[_basic], or timm:NAME for any timm "
@@ -327,23 +329,13 @@ class RunConfig:
         def finite(x: Any) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
-        if self.optimizer not in OPTIMIZERS:
-            fail("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            fail("schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
-        if self.device not in DEVICES:
-            fail("device", self.device, f"one of {', '.join(DEVICES)}")
-        if self.amp not in AMP_MODES:
-            fail("amp", self.amp, f"one of {', '.join(AMP_MODES)}")
-        if self.perturbation_sync not in PERTURBATION_SYNCS:
-            allowed = f"one of {', '.join(PERTURBATION_SYNCS)}"
-            fail("perturbation_sync", self.perturbation_sync, allowed)
-        if not isinstance(self.sync_bn, bool):
-            fail("sync_bn", self.sync_bn, "True or False")
-        if self.nonfinite not in NONFINITE:
-            fail("nonfinite", self.nonfinite, f"one of {', '.join(NONFINITE)}")
-        if self.base_optimizer not in BASE_OPTIMIZERS:
-            fail("base_optimizer", self.base_optimizer, f"one of {', '.join(BASE_OPTIMIZERS)}")
+        for name, choices in (
+            ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("device", DEVICES),
+            ("amp", AMP_MODES), ("perturbation_sync", PERTURBATION_SYNCS), ("nonfinite", NONFINITE),
+            ("base_optimizer", BASE_OPTIMIZERS), ("aace_mode", AACE_MODES),
+        ):  # fmt: skip
+            if getattr(self, name) not in choices:
+                fail(name, getattr(self, name), f"one of {', '.join(choices)}")
         if (
             not isinstance(self.betas, tuple)
             or len(self.betas) != 2
@@ -354,13 +346,11 @@ class RunConfig:
             fail("betas", self.betas, "the default (0.9, 0.999) unless --base-optimizer adamw")
         if self.base_optimizer != "sgd" and self.nesterov:
             fail("nesterov", self.nesterov, "False unless --base-optimizer sgd")
-        for name in ("pretrained", "tensorboard", "augment"):
+        for name in ("sync_bn", "pretrained", "tensorboard", "augment"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, getattr(self, name), "True or False")
         if self.pretrained and not self.model.startswith("timm:"):
             fail("pretrained", self.pretrained, "False unless --model timm:NAME")
-        if self.aace_mode not in AACE_MODES:
-            fail("aace_mode", self.aace_mode, f"one of {', '.join(AACE_MODES)}")
         for name in ("lr", "weight_decay", "momentum", "perturbation_weight_decay"):
             value = getattr(self, name)
             if not finite(value) or value < 0:

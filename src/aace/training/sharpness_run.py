@@ -46,8 +46,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class SharpnessSettings:
-    """What ``aace sharpness`` measures and how (its flags, less the run and ``--out``); saved
-    as ``settings`` in ``sharpness.json``."""
+    """What ``aace sharpness`` measures and how (its flags, less the run and
+    ``--output-file``); saved as ``settings`` in ``sharpness.json``."""
 
     images: int = 1024  # training images measured on
     batch_size: int = 128  # the m of m-sharpness
@@ -73,57 +73,32 @@ class SharpnessSettings:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``aace sharpness`` flags; their defaults are :class:`SharpnessSettings`'."""
-    d = SharpnessSettings()
+    defaults = SharpnessSettings()
     add = parser.add_argument
+
+    def number(flag: str, help: str, skip: bool = False) -> None:
+        """A flag of a numeric field, its type and default the field's; ``skip``: 0 skips it."""
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        note = "0: skip; " if skip else ""
+        add(flag, type=type(default), default=default, help=f"{help} ({note}default {default:g})")
+
     add("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or its checkpoint.pt")
-    add("--images", type=int, default=d.images, help=f"training images measured on ({d.images})")
+    number("--images", "training images measured on")
+    number("--batch-size", "batch size; the m of m-sharpness")
+    number("--top-k", "Hessian eigenvalues to compute", skip=True)
+    number("--max-iter", "most Lanczos iterations")
+    number("--tol", "Lanczos relative residual tolerance")
+    number("--samples", "Hutchinson probes for the trace", skip=True)
+    number("--rho", "radius of the adaptive worst-case sharpness")
     add(
-        "--batch-size",
-        type=int,
-        default=d.batch_size,
-        help=f"batch size; the m of m-sharpness ({d.batch_size})",
+        "--norm",
+        choices=("linf", "l2"),
+        default=defaults.norm,
+        help=f"its norm (default {defaults.norm})",
     )
-    add(
-        "--top-k",
-        type=int,
-        default=d.top_k,
-        help=f"Hessian eigenvalues to compute (0: skip; {d.top_k})",
-    )
-    add(
-        "--max-iter",
-        type=int,
-        default=d.max_iter,
-        help=f"most Lanczos iterations (default {d.max_iter})",
-    )
-    add("--tol", type=float, default=d.tol, help=f"Lanczos relative residual tolerance ({d.tol:g})")
-    add(
-        "--samples",
-        type=int,
-        default=d.samples,
-        help=f"Hutchinson probes for the trace (0: skip; {d.samples})",
-    )
-    add(
-        "--rho",
-        type=float,
-        default=d.rho,
-        help=f"radius of the adaptive worst-case sharpness (default {d.rho:g})",
-    )
-    add("--norm", choices=("linf", "l2"), default=d.norm, help=f"its norm (default {d.norm})")
-    add(
-        "--steps", type=int, default=d.steps, help=f"its gradient-ascent steps (0: skip; {d.steps})"
-    )
-    add(
-        "--average-rho",
-        type=float,
-        default=d.average_rho,
-        help=f"relative noise scale of the adaptive average sharpness (default {d.average_rho:g})",
-    )
-    add(
-        "--average-samples",
-        type=int,
-        default=d.average_samples,
-        help=f"its noise draws per batch (0: skip; {d.average_samples})",
-    )
+    number("--steps", "its gradient-ascent steps", skip=True)
+    number("--average-rho", "relative noise scale of the adaptive average sharpness")
+    number("--average-samples", "its noise draws per batch", skip=True)
     add(
         "--landscape",
         choices=LANDSCAPES,
@@ -131,21 +106,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "2d: a filter-normalized random plane. Written as landscape-1d.png / landscape-2d.png",
     )
     add("--against", help="another checkpoint of the same model, for --landscape 1d")
-    add(
-        "--span", type=float, default=d.span, help="random line/plane: coordinates in [-span, span]"
-    )
+    number("--span", "random line/plane: coordinates in [-span, span]")
     add("--resolution", type=int, help="points per axis (default 21 for 1d, 11 for 2d)")
-    add("--mode", choices=("eval", "train"), default=d.mode, help=f"model mode (default {d.mode})")
-    add("--dtype", choices=tuple(DTYPES), default=d.dtype, help=f"default {d.dtype}")
     add(
-        "--seed",
-        type=int,
-        default=d.seed,
-        help=f"image subset, probes, directions (default {d.seed})",
+        "--mode",
+        choices=("eval", "train"),
+        default=defaults.mode,
+        help=f"model mode (default {defaults.mode})",
     )
-    add("--device", choices=DEVICES, default=d.device)
+    add("--dtype", choices=tuple(DTYPES), default=defaults.dtype, help=f"default {defaults.dtype}")
+    number("--seed", "image subset, probes, directions")
+    add("--device", choices=DEVICES, default=defaults.device)
     add("--data-dir", help="override the dataset directory of the run")
-    add("--out", help=f"output file (default RUN_DIR/{SHARPNESS})")
+    add(
+        "--output-file",
+        metavar="FILE",
+        help=f"the JSON to write (default RUN_DIR/{SHARPNESS}); a landscape PNG goes beside it",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> SharpnessSettings:

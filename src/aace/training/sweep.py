@@ -152,15 +152,20 @@ def plan(
     rhos: list[float] | None = None,
     seeds: int = 3,
     label_noise: list[float] | None = None,
+    seed: int = 0,
 ) -> list[SweepRun]:
     """The grid's runs, validated, in training order (seed, then noise rate, then optimizer).
 
-    ``base`` holds the other :class:`RunConfig` fields, the same for every run. An optimizer
-    entry with a rho keeps it; the others take each of ``rhos`` (default: their own default
-    rho); SGD runs once per seed and noise rate, without the SAM-step schedule of ``base``.
+    ``base`` holds the other :class:`RunConfig` fields, the same for every run. The seeds are
+    ``seed`` ... ``seed + seeds - 1``, as everywhere in the CLI: ``--seed`` is the first seed,
+    counts follow it. An optimizer entry with a rho keeps it; the others take each of ``rhos``
+    (default: their own default rho); SGD runs once per seed and noise rate, without the
+    SAM-step schedule of ``base``.
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds: got {seeds!r}; expected an integer >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"--seed: got {seed!r}; expected an integer >= 0")
     cells: list[tuple[str, float | None, bool]] = []  # optimizer, rho, rho in the name
     for name, rho in optimizers:
         if not OPTIMIZER_TABLE[name].second_pass:
@@ -175,16 +180,16 @@ def plan(
             if (name, rho_value, named) not in cells:
                 cells.append((name, rho_value, named))
     runs, names = [], set()
-    for seed in range(seeds):
+    for run_seed in range(seed, seed + seeds):
         for noise in label_noise if label_noise is not None else [None]:
             for optimizer, rho, named in cells:
                 name = optimizer + (f"-rho{rho:g}" if named else "")
                 name += "" if noise is None else f"-noise{noise:g}"
-                name += f"-s{seed}"
+                name += f"-s{run_seed}"
                 if name in names:
                     continue
                 names.add(name)
-                values = dict(base, optimizer=optimizer, rho=rho, seed=seed)
+                values = dict(base, optimizer=optimizer, rho=rho, seed=run_seed)
                 values["out"] = str(Path(out) / name)
                 if noise is not None:
                     values["label_noise"] = noise

@@ -25,11 +25,15 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from aace.integrations import MissingExtraError
 from aace.runs import RunDirectory
 from aace.training.config import ConfigError
 from aace.training.preemption import EXIT_PREEMPTED, Preempted, deferred_signal
@@ -67,8 +71,6 @@ LOG = "train.log"
 
 
 def _require_optuna() -> Any:
-    from aace.integrations import MissingExtraError
-
     try:
         import optuna
     except ImportError as error:
@@ -76,8 +78,6 @@ def _require_optuna() -> Any:
             "aace tune needs Optuna: pip install 'aace[tune]' (Optuna, and psycopg2 for a "
             "PostgreSQL storage)"
         ) from error
-    import warnings
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
@@ -362,8 +362,6 @@ def work(
 
 
 def _worker_process(spec_values: dict[str, Any], threads: int, parent: int) -> None:
-    import torch
-
     watch_parent(parent)
     torch.set_num_threads(threads)
     spec = TuneSpec.from_dict(spec_values)
