@@ -14,13 +14,14 @@ Supported specs (see :data:`DATASET_NAMES`):
   ``image_size`` x ``image_size`` with PIL's bilinear filter (antialiased when downsampling).
 * ``digits``: scikit-learn's bundled 8x8 digits (no download ever), with a fixed split.
 * ``npz:PATH``: a user ``.npz`` file with ``x_train``, ``y_train``, ``x_test``, ``y_test`` and
-  optionally ``classes``. ``PATH`` is resolved relative to the current directory, not ``root``.
+  optionally ``classes``. ``PATH`` is resolved relative to the current directory, not ``root``
+  (the format and its checks: :mod:`aace.data.npz`).
 
 Normalisation constants: ``mean``/``std`` are ALWAYS computed from the training images of the
 loaded dataset (per channel, over all pixels of all training images, population standard
 deviation, in float64 on ``x / 255``); no published constants are used. For CIFAR-10 this gives
 the familiar (0.4914, 0.4822, 0.4465) / (0.2470, 0.2435, 0.2616). A channel with zero variance
-gets ``std = 1.0`` so that normalisation never divides by zero.
+gets ``std = 1.0`` so that normalisation never divides by zero (:mod:`aace.data.dataset`).
 
 Every user-facing problem (unknown name, missing or corrupted files, malformed ``.npz``) raises
 :class:`DatasetError` (a ``ValueError``) with a message naming the path or argument, the value
@@ -35,14 +36,15 @@ import json
 import os
 import pickle
 import shutil
-import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from aace.data.dataset import DatasetError, InMemoryDataset, default_crop_padding, make_dataset
+from aace.data.npz import load_npz
 
 __all__ = ["DATASET_NAMES", "DatasetError", "InMemoryDataset", "load_dataset"]
 
@@ -59,127 +61,8 @@ _ALIASES = {
     "food_101": "food101",
 }
 
-_NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _DIGITS_TEST_SIZE = 360
 _MIN_IMAGE_SIZE = 8
-
-
-class DatasetError(ValueError):
-    """A user-facing data problem: bad spec, missing/corrupted files, malformed arrays."""
-
-
-@dataclass(repr=False, eq=False)
-class InMemoryDataset:
-    """A whole image-classification dataset held in memory.
-
-    Images are contiguous CPU ``uint8`` tensors ``(N, C, H, W)``; labels are ``int64`` ``(N,)``.
-    ``mean``/``std`` are per-channel statistics of ``x_train / 255`` (see the module docstring).
-    ``hflip``, ``crop_padding`` and ``cutout`` are the default training augmentation settings.
-    """
-
-    name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    classes: list[str]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    hflip: bool
-    crop_padding: int
-    cutout: int
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.x_train.shape[1])
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        return int(self.x_train.shape[2]), int(self.x_train.shape[3])
-
-    def __repr__(self) -> str:
-        c, (h, w) = self.in_channels, self.image_size
-        mean = ", ".join(f"{m:.4f}" for m in self.mean)
-        std = ", ".join(f"{s:.4f}" for s in self.std)
-        return (
-            f"InMemoryDataset(name={self.name!r}, train={len(self.y_train)}, "
-            f"test={len(self.y_test)}, shape=({c}, {h}, {w}), classes={self.num_classes}, "
-            f"mean=({mean}), std=({std}), hflip={self.hflip}, "
-            f"crop_padding={self.crop_padding}, cutout={self.cutout})"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and population std of ``x / 255`` for a uint8 ``(N, C, H, W)`` tensor.
-
-    Computed exactly from a 256-bin histogram of each channel (float64 arithmetic on integer
-    counts), so it is fast and independent of summation order.
-    """
-    values = torch.arange(256, dtype=torch.float64)
-    means, stds = [], []
-    for c in range(int(x.shape[1])):
-        hist = torch.bincount(x[:, c].reshape(-1), minlength=256).to(torch.float64)
-        count = max(float(hist.sum()), 1.0)
-        mean = float((hist * values).sum()) / count
-        var = max(float((hist * (values - mean).square()).sum()) / count, 0.0)
-        std = var**0.5 / 255.0
-        means.append(mean / 255.0)
-        stds.append(std if std > 0 else 1.0)
-    return tuple(means), tuple(stds)
-
-
-def _default_crop_padding(height: int) -> int:
-    return 4 if height >= 28 else max(1, height // 8)
-
-
-def _make_dataset(
-    name: str,
-    x_train: torch.Tensor,
-    y_train: torch.Tensor,
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
-    classes: Sequence[str],
-    *,
-    hflip: bool,
-    crop_padding: int,
-    cutout: int,
-) -> InMemoryDataset:
-    x_train = x_train.contiguous()
-    x_test = x_test.contiguous()
-    y_train = y_train.to(torch.int64).contiguous()
-    y_test = y_test.to(torch.int64).contiguous()
-    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        if x.dtype != torch.uint8 or x.ndim != 4:
-            raise DatasetError(
-                f"{name}: {split} images must be uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}"
-            )
-        if y.ndim != 1 or y.shape[0] != x.shape[0]:
-            raise DatasetError(
-                f"{name}: {split} has {x.shape[0]} images but labels of shape {tuple(y.shape)}"
-            )
-    mean, std = _channel_stats(x_train)
-    return InMemoryDataset(
-        name=name,
-        x_train=x_train,
-        y_train=y_train,
-        x_test=x_test,
-        y_test=y_test,
-        classes=[str(c) for c in classes],
-        mean=mean,
-        std=std,
-        hflip=hflip,
-        crop_padding=crop_padding,
-        cutout=cutout,
-    )
 
 
 def _md5(path: str) -> str:
@@ -300,7 +183,7 @@ def _load_cifar(name: str, root: str, download: bool) -> InMemoryDataset:
     except _LOAD_ERRORS as exc:
         raise _diagnose(name, root, expected, files, readers, download, exc) from exc
     (x_train, y_train, classes), (x_test, y_test, _) = parts
-    return _make_dataset(
+    return make_dataset(
         name, x_train, y_train, x_test, y_test, classes, hflip=True, crop_padding=4, cutout=16
     )
 
@@ -349,7 +232,7 @@ def _load_fashion_mnist(root: str, download: bool) -> InMemoryDataset:
     except _LOAD_ERRORS as exc:
         raise _diagnose(name, root, expected, files, readers, download, exc) from exc
     (x_train, y_train), (x_test, y_test) = parts
-    return _make_dataset(
+    return make_dataset(
         name,
         x_train,
         y_train,
@@ -448,7 +331,7 @@ def _load_food101(root: str, download: bool, image_size: int) -> InMemoryDataset
         )
     x_train, y_train = _load_food101_split(ds_train, image_size, name)
     x_test, y_test = _load_food101_split(ds_test, image_size, name)
-    return _make_dataset(
+    return make_dataset(
         name,
         x_train,
         y_train,
@@ -456,7 +339,7 @@ def _load_food101(root: str, download: bool, image_size: int) -> InMemoryDataset
         y_test,
         list(ds_train.classes),
         hflip=True,
-        crop_padding=_default_crop_padding(image_size),
+        crop_padding=default_crop_padding(image_size),
         cutout=max(1, image_size // 2),
     )
 
@@ -475,7 +358,7 @@ def _load_digits() -> InMemoryDataset:
     y = np.asarray(bunch.target, dtype=np.int64)
     perm = np.random.default_rng(0).permutation(len(y))
     train_idx, test_idx = perm[:-_DIGITS_TEST_SIZE], perm[-_DIGITS_TEST_SIZE:]
-    return _make_dataset(
+    return make_dataset(
         "digits",
         torch.from_numpy(np.ascontiguousarray(x[train_idx])),
         torch.from_numpy(y[train_idx]),
@@ -484,159 +367,6 @@ def _load_digits() -> InMemoryDataset:
         [str(i) for i in range(10)],
         hflip=False,
         crop_padding=1,
-        cutout=0,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# user .npz files
-# --------------------------------------------------------------------------------------------
-
-
-def _npz_get(name: str, path: str, data: Any, key: str) -> np.ndarray:
-    try:
-        return data[key]
-    except ValueError as exc:  # object arrays with allow_pickle=False
-        raise DatasetError(
-            f"{name}: key {key!r} in {path!r} cannot be loaded without pickle ({exc}); "
-            "store plain numeric/str arrays"
-        ) from exc
-    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise DatasetError(f"{name}: key {key!r} in {path!r} is corrupted: {exc}") from exc
-
-
-def _load_npz(spec: str) -> InMemoryDataset:
-    name = "npz"  # message prefix; the dataset itself is named by the full spec
-    path = spec[len("npz:") :]
-    if not path:
-        raise DatasetError(f"dataset spec {spec!r}: expected 'npz:PATH' with a non-empty PATH")
-    if not os.path.isfile(path):
-        raise DatasetError(f"{name}: file {path!r} not found (expected an .npz file)")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except OSError as exc:
-        raise DatasetError(f"{name}: cannot read {path!r}: {exc}") from exc
-    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
-        raise DatasetError(
-            f"{name}: {path!r} is not an .npz archive (no zip header); "
-            "expected a file written by numpy.savez / savez_compressed"
-        )
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetError(
-            f"{name}: {path!r} is not a valid .npz archive ({type(exc).__name__}: {exc}); "
-            "expected a file written by numpy.savez / savez_compressed"
-        ) from exc
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise DatasetError(
-            f"{name}: {path!r} holds a single array, not an .npz archive with keys "
-            f"{', '.join(_NPZ_KEYS)} (use numpy.savez)"
-        )
-    with data:
-        missing = [k for k in _NPZ_KEYS if k not in data.files]
-        if missing:
-            raise DatasetError(
-                f"{name}: {path!r} is missing key(s) {', '.join(missing)} "
-                f"(found {', '.join(data.files) or 'none'}; expected "
-                f"{', '.join(_NPZ_KEYS)} and optionally classes)"
-            )
-        arrays = {k: _npz_get(name, path, data, k) for k in _NPZ_KEYS}
-        classes_arr = _npz_get(name, path, data, "classes") if "classes" in data.files else None
-
-    def err(key: str, msg: str) -> DatasetError:
-        return DatasetError(f"{name}: {key!r} in {path!r} {msg}")
-
-    images: dict[str, np.ndarray] = {}
-    for key in ("x_train", "x_test"):
-        x = arrays[key]
-        if x.dtype != np.uint8:
-            raise err(key, f"has dtype {x.dtype}; expected uint8 images (values 0..255)")
-        if x.ndim == 3:
-            x = x[:, None]
-        elif x.ndim == 4:
-            if x.shape[3] not in (1, 3):
-                raise err(
-                    key,
-                    f"has shape {x.shape}; expected N x H x W or N x H x W x C with C in {{1, 3}}",
-                )
-            x = x.transpose(0, 3, 1, 2)
-        else:
-            raise err(
-                key,
-                f"has {x.ndim} dimensions (shape {x.shape}); "
-                "expected N x H x W or N x H x W x C with C in {1, 3}",
-            )
-        if x.shape[0] == 0:
-            raise err(key, f"is empty (shape {arrays[key].shape}); expected at least one image")
-        if x.shape[2] == 0 or x.shape[3] == 0:
-            raise err(key, f"has shape {arrays[key].shape}; images must be non-empty")
-        images[key] = x
-    if images["x_train"].shape[1:] != images["x_test"].shape[1:]:
-        raise DatasetError(
-            f"{name}: 'x_train' and 'x_test' in {path!r} have different image shapes "
-            f"({arrays['x_train'].shape[1:]} vs {arrays['x_test'].shape[1:]}); "
-            "expected the same H x W (x C)"
-        )
-
-    labels: dict[str, np.ndarray] = {}
-    for key, xkey in (("y_train", "x_train"), ("y_test", "x_test")):
-        y = arrays[key]
-        if y.dtype.kind not in "iu":
-            raise err(key, f"has dtype {y.dtype}; expected integer class labels")
-        if y.ndim != 1:
-            raise err(key, f"has shape {y.shape}; expected a 1-D array of labels")
-        if y.shape[0] != images[xkey].shape[0]:
-            raise err(
-                key,
-                f"has {y.shape[0]} labels but {xkey!r} has {images[xkey].shape[0]} images; "
-                "expected one label per image",
-            )
-        if y.size and int(y.min()) < 0:
-            raise err(key, f"contains negative label {int(y.min())}; expected labels >= 0")
-        labels[key] = y.astype(np.int64)
-
-    max_label = max(int(labels["y_train"].max()), int(labels["y_test"].max()))
-    if classes_arr is not None:
-        if classes_arr.dtype.kind not in "US" or classes_arr.ndim != 1:
-            raise err(
-                "classes",
-                f"has dtype {classes_arr.dtype} and shape {classes_arr.shape}; "
-                "expected a 1-D array of str",
-            )
-        classes = [
-            c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c)
-            for c in classes_arr.tolist()
-        ]
-        if len(set(classes)) != len(classes):
-            raise err("classes", f"contains duplicate names {classes}; expected unique names")
-        if max_label >= len(classes):
-            key = "y_train" if int(labels["y_train"].max()) == max_label else "y_test"
-            raise err(
-                key,
-                f"contains label {max_label} but 'classes' has only {len(classes)} entries; "
-                f"expected labels in 0..{len(classes) - 1}",
-            )
-    else:
-        classes = [str(i) for i in range(max_label + 1)]
-    if len(classes) < 2:
-        which = "'classes'" if classes_arr is not None else "the labels (max label + 1)"
-        raise DatasetError(
-            f"{name}: {path!r} defines {len(classes)} class(es) via {which}; "
-            "expected at least 2 classes"
-        )
-
-    height = int(images["x_train"].shape[2])
-    return _make_dataset(
-        spec,
-        torch.from_numpy(np.ascontiguousarray(images["x_train"])),
-        torch.from_numpy(labels["y_train"]),
-        torch.from_numpy(np.ascontiguousarray(images["x_test"])),
-        torch.from_numpy(labels["y_test"]),
-        classes,
-        hflip=True,
-        crop_padding=_default_crop_padding(height),
         cutout=0,
     )
 
@@ -677,7 +407,7 @@ def load_dataset(
 
     spec = spec.strip()
     if spec.lower().startswith("npz:"):
-        return _load_npz("npz:" + spec[4:])
+        return load_npz("npz:" + spec[4:])
     key = spec.lower()
     key = _ALIASES.get(key, key)
     root_s = os.fspath(root)
