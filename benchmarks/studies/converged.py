@@ -69,10 +69,13 @@ def plan(args: argparse.Namespace, runs_dir: Path) -> list[sweep.SweepRun]:
         batch_size=args.batch_size or preset["batch_size"], device=args.device, amp=args.amp,
         compile=args.compile,
     )  # fmt: skip
-    runs = sweep.plan(
-        base, runs_dir, [(name, None) for name in OPTIMIZERS], seeds=args.first_seed + args.seeds
+    return sweep.plan(
+        base,
+        runs_dir,
+        [(name, None) for name in OPTIMIZERS],
+        seeds=args.seeds,
+        seed=args.first_seed,
     )
-    return [run for run in runs if run.config.seed >= args.first_seed]
 
 
 def status(run: sweep.SweepRun, outcome: sweep.Outcome | None) -> str:
