@@ -29,12 +29,12 @@ demo: $(STAMP)
 # cores). CIFAR5K is the real CIFAR-10 subset the team provides; pass another path if needed.
 CIFAR5K ?= ../shared/data/cifar10_5k.npz
 bench: $(STAMP)
-	$(BIN)/python benchmarks/step_time.py --model wrn16_4 --model pyramidnet110_48_basic --batch-size 128 --repeats 5 --warmup 1
-	$(BIN)/python benchmarks/loss_cost.py
-	$(BIN)/python benchmarks/memory.py
-	$(BIN)/python benchmarks/pipeline.py --dataset npz:$(CIFAR5K)
-	$(BIN)/python benchmarks/replicate.py --dataset digits --model wrn16_1 --epochs 15 --batch-size 64 --lr 0.05 --seeds 3
-	$(BIN)/python benchmarks/replicate.py --dataset npz:$(CIFAR5K) --model wrn10_1 --epochs 10 --batch-size 128 --lr 0.1 --seeds 3
+	$(BIN)/python -m benchmarks.micro.step_time --model wrn16_4 --model pyramidnet110_48_basic --batch-size 128 --repeats 5 --warmup 1
+	$(BIN)/python -m benchmarks.micro.loss_cost
+	$(BIN)/python -m benchmarks.micro.memory
+	$(BIN)/python -m benchmarks.micro.pipeline --dataset npz:$(CIFAR5K)
+	$(BIN)/python -m benchmarks.studies.replicate --dataset digits --model wrn16_1 --epochs 15 --batch-size 64 --lr 0.05 --seeds 3
+	$(BIN)/python -m benchmarks.studies.replicate --dataset npz:$(CIFAR5K) --model wrn10_1 --epochs 10 --batch-size 128 --lr 0.1 --seeds 3
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples scripts docs/*.py

@@ -179,6 +179,31 @@ def test_a_failing_run_is_reported_and_the_others_finish(tiny_npz, tmp_path, cap
     assert "Traceback" in (out / "sam-aace-rho1e+30-s0" / "train.log").read_text()
 
 
+def test_a_deadline_stops_the_runs_at_a_checkpoint_and_starts_none_too_late(tiny_npz, tmp_path):
+    """run_sweep(deadline=...): a run going when it passes writes a checkpoint and stops, a run
+    that would start with min_start seconds or fewer left does not start; the sweep returns."""
+    base = dict(dataset=f"npz:{tiny_npz}", model="wrn10_1", epochs=5000, batch_size=4)
+    out = tmp_path / "sweep"
+    runs = sweep.plan(base, out, [("sgd", None)], seeds=2)
+    lines: list[str] = []
+    far = time.monotonic() + 3600
+    outcomes = sweep.run_sweep(runs, 2, lines.append, deadline=far, min_start=7200)
+    assert [(o.trained, o.stopped, o.summary, o.error) for o in outcomes] == [
+        (False, False, None, None)
+    ] * 2
+    assert not out.exists() and "2 run(s) not started" in lines[-1]
+
+    # One job: the first run trains until the deadline, the second would start after it.
+    lines.clear()
+    outcomes = sweep.run_sweep(runs, 1, lines.append, deadline=time.monotonic() + 30)
+    first, second = outcomes
+    assert first.stopped and first.error is None and first.summary is None, lines
+    assert (out / "sgd-s0" / "checkpoint.pt").is_file()
+    assert not (out / "sgd-s0" / "summary.json").exists()
+    assert not second.trained and not (out / "sgd-s1").exists()
+    assert "sweep: the deadline has come: stopping 1 run(s)" in lines
+
+
 @pytest.mark.parametrize(
     ("extra", "after", "message"),
     [

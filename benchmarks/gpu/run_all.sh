@@ -144,18 +144,18 @@ run_timed() {  # run_timed SECONDS command...: at most SECONDS, and never past t
 
 if [ "$MODE" = all ]; then
   # 1a. Step time, eager: fp32 (cuDNN's TF32 defaults) and bf16, contiguous and channels-last.
-  run_timed 180 "$PYTHON" benchmarks/step_time.py --device "$DEVICE" "${STEP_MODELS[@]}" \
+  run_timed 180 "$PYTHON" -m benchmarks.micro.step_time --device "$DEVICE" "${STEP_MODELS[@]}" \
     --setting fp32 --setting fp32+channels-last --setting bf16 --setting bf16+channels-last \
     "${STEP_REPEATS[@]}" --name step_time-gpu --out-dir "$RESULTS"
   pack
   # 2. The input pipeline on the GPU: WRN-16-8 at the converged runs' batch of 256.
-  run_timed 150 "$PYTHON" benchmarks/pipeline.py --device "$DEVICE" --dataset "npz:$NPZ" \
+  run_timed 150 "$PYTHON" -m benchmarks.micro.pipeline --device "$DEVICE" --dataset "npz:$NPZ" \
     "${PIPELINE_SIZES[@]}" --amp off --amp bf16 --name pipeline-gpu --out-dir "$RESULTS"
   pack
   # 1b. Step time, compiled (the first call of each variant compiles: about a minute for
   # WRN-28-10, several for PyramidNet-272; so WRN-28-10's settings first). Results are rewritten
   # after every block, so a cut leaves the finished ones (marked partial).
-  run_timed 240 "$PYTHON" benchmarks/step_time.py --device "$DEVICE" "${COMPILE_MODELS[@]}" \
+  run_timed 240 "$PYTHON" -m benchmarks.micro.step_time --device "$DEVICE" "${COMPILE_MODELS[@]}" \
     --setting bf16+compile --setting fp32+compile --outer models \
     "${STEP_REPEATS[@]}" --name step_time-gpu-compile --out-dir "$RESULTS"
   pack
@@ -166,11 +166,11 @@ CONVERGED_BUDGET=$(( $(left) - 45 ))
 if [ "$CONVERGED_BUDGET" -ge 120 ]; then
   say "converged runs for ${CONVERGED_BUDGET}s"
   timeout --signal=TERM --kill-after=30 $((CONVERGED_BUDGET + 30)) \
-    "$PYTHON" benchmarks/converged.py --dataset "npz:$NPZ" --model "$CONVERGED_MODEL" \
+    "$PYTHON" -m benchmarks.studies.converged --dataset "npz:$NPZ" --model "$CONVERGED_MODEL" \
     --epochs "$EPOCHS" --seeds "$SEEDS" --first-seed "$FIRST_SEED" --parallel "$PARALLEL" \
     --amp "$AMP" --device "$DEVICE" --budget "$CONVERGED_BUDGET" --runs-dir "$RUNS" \
     --out-dir "$RESULTS" --copy-runs "$RESULTS/converged-$STEM-runs"
-  say "converged.py exit $? (75: stopped at the budget, resumable with: benchmarks/gpu/run_all.sh converged)"
+  say "benchmarks.studies.converged exit $? (75: stopped at the budget, resumable with: benchmarks/gpu/run_all.sh converged)"
 else
   say "no time left for the converged runs in this call; next: benchmarks/gpu/run_all.sh converged"
 fi

@@ -9,12 +9,12 @@ everything is built on Hessian-vector products (Pearlmutter, Neural Computation 
 computed per batch by double backward: one forward pass, one backward pass that keeps its graph
 (``torch.autograd.grad(..., create_graph=True)``) and a second backward through it with ``v`` as
 the output gradient. ``torch.func``'s forward-over-reverse (``jvp`` of ``grad``) gives the same
-product; on CPU it was slower (``benchmarks/sharpness.py``, WRN-16-4, batch 128: 5.2 against
+product; on CPU it was slower (``benchmarks/micro/sharpness.py``, WRN-16-4, batch 128: 5.2 against
 4.6 forward-backward passes), and double backward lets one forward/backward graph serve many
 probe vectors (the trace below), so it is the one implementation here. A central difference of
 gradients, (g(w + h v) - g(w - h v)) / 2h, costs only two forward-backward passes but does not
 measure this Hessian for a ReLU network: any step that rises above float32 rounding flips
-ReLUs, and the difference then counts their kinks (``benchmarks/hvp_finite_difference.py``:
+ReLUs, and the difference then counts their kinks (``benchmarks/micro/hvp_finite_difference.py``:
 relative error 17 to 164 on WRN-16-4 in float32 for h from 0.1 to 0.001; in float64 only
 h = 1e-6 is accurate, and float64 passes cost twice as much).
 
@@ -391,7 +391,7 @@ def hessian_trace_estimate(
     Cost: one pass over ``batches``. For each batch the forward pass and the graph-keeping
     backward pass are done once and serve a block of probes (each one more backward pass through
     that graph), so every probe but the first costs only the second backward pass instead of a
-    whole Hessian-vector product (``benchmarks/sharpness.py`` measures the difference).
+    whole Hessian-vector product (``benchmarks/micro/sharpness.py`` measures the difference).
 
     Args:
         model: the network; its parameters with ``requires_grad`` are the analysed w, and its

@@ -15,6 +15,10 @@
   stops, no other run starts, and the sweep exits with status 75 (rerun the same command to
   continue). A worker whose sweep died without a word (SIGKILL, out of memory) stops its run
   the same way within a second and exits, rather than training on unobserved.
+* **Deadline.** ``run_sweep(deadline=..., min_start=...)`` (a ``time.monotonic()`` value, for a
+  session with a time limit): no run starts with ``min_start`` seconds or fewer left, and when
+  the deadline passes the runs still going are stopped as on SIGTERM (a checkpoint each); the
+  sweep then returns, the stopped and the unstarted runs unfinished (rerun to continue).
 * **Order.** Seed by seed, and within a seed every noise rate and optimizer, so that a sweep
   stopped halfway still compares like with like.
 * **Result.** The :func:`aace.report.compare_table` of all runs, printed and written to
@@ -55,6 +59,7 @@ from aace.training.workers import (
     TRAINING,
     ForwardSignals,
     available_cpus,
+    stop_children,
     watch_parent,
 )
 
@@ -221,11 +226,24 @@ def check_existing(runs: list[SweepRun]) -> None:
 
 
 def run_sweep(
-    runs: list[SweepRun], jobs: int = 1, log: Callable[[str], None] = print
+    runs: list[SweepRun],
+    jobs: int = 1,
+    log: Callable[[str], None] = print,
+    *,
+    deadline: float | None = None,
+    min_start: float = 0.0,
 ) -> list[Outcome]:
-    """Train the runs that are not finished, ``jobs`` at a time; the outcome of every run."""
+    """Train the runs that are not finished, ``jobs`` at a time; the outcome of every run.
+
+    With a ``deadline`` (a :func:`time.monotonic` value) no run starts with ``min_start``
+    seconds or fewer left, and the runs still going at the deadline write a checkpoint and
+    stop; a run that did not start has an outcome with ``trained=False`` and no summary.
+    Raises :class:`~aace.training.preemption.Preempted` after a stop signal.
+    """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs: got {jobs!r}; expected an integer >= 1")
+    if min_start < 0:
+        raise ConfigError(f"min_start: got {min_start!r}; expected seconds >= 0")
     check_existing(runs)
     outcomes = {run.name: Outcome(run, trained=False) for run in runs if run.finished}
     for outcome in outcomes.values():
@@ -241,7 +259,7 @@ def run_sweep(
     if todo:
         with ForwardSignals() as stop:
             for outcome in _train_all(
-                todo, jobs, threads, log, stop, done=len(outcomes), total=len(runs)
+                todo, jobs, threads, log, stop, len(outcomes), len(runs), deadline, min_start
             ):
                 outcomes[outcome.run.name] = outcome
         if stop.received is not None:
@@ -251,7 +269,13 @@ def run_sweep(
                 "a checkpoint and stopped; rerun the same command to continue",
                 stop.received,
             )
-    return [outcomes[run.name] for run in runs]
+    unstarted = [run.name for run in runs if run.name not in outcomes]
+    if unstarted:
+        log(
+            f"sweep: {len(unstarted)} run(s) not started: {min_start:g} s or fewer were left "
+            "before the deadline; rerun the same command to continue"
+        )
+    return [outcomes.get(run.name) or Outcome(run, trained=False) for run in runs]
 
 
 def _train_all(
@@ -262,11 +286,17 @@ def _train_all(
     stop: ForwardSignals,
     done: int,
     total: int,
+    deadline: float | None = None,
+    min_start: float = 0.0,
 ) -> list[Outcome]:
     results: list[Outcome] = []
+    out_of_time = False  # the deadline passed: the runs were told to stop
 
-    def stopped() -> bool:
-        return stop.received is not None
+    def stopping() -> bool:
+        return stop.received is not None or out_of_time
+
+    def may_start() -> bool:
+        return not stopping() and (deadline is None or deadline - time.monotonic() > min_start)
 
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the workers' OpenMP at start
@@ -281,32 +311,36 @@ def _train_all(
     try:
         pending: dict[Future, SweepRun] = {}
         queue = list(todo)
-        while (queue and not stop.received) or pending:
-            while queue and len(pending) < jobs and not stop.received:
+        while (queue and may_start()) or pending:
+            while queue and len(pending) < jobs and may_start():
                 run = queue.pop(0)
                 run.out.mkdir(parents=True, exist_ok=True)
                 pending[pool.submit(_train_one, run.config.to_dict(), threads)] = run
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            if not pending:  # the deadline came too near to start the next run
+                continue
+            timeout = None
+            if deadline is not None and not stopping():
+                timeout = max(0.0, deadline - time.monotonic())
+            finished, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+            if not finished:  # the deadline: every run writes a checkpoint and stops
+                log(f"sweep: the deadline has come: stopping {len(pending)} run(s)")
+                out_of_time = True
+                stop_children()
+                continue
             broken = False
             for future in finished:
                 run = pending.pop(future)
                 try:
                     outcome = Outcome(run, **future.result())
                 except BrokenProcessPool:  # a worker was killed (by a signal, out of memory)
-                    outcome = Outcome(
-                        run, error="its process was killed", stopped=stop.received is not None
-                    )
+                    outcome = Outcome(run, error="its process was killed", stopped=stopping())
                     broken = True
                 results.append(outcome)
                 done += 1
                 log(f"[{done}/{total}] {_describe(outcome)}")
             if broken:  # the pool is unusable: the runs it still held are lost with it
                 for run in pending.values():
-                    results.append(
-                        Outcome(
-                            run, error="its process was killed", stopped=stop.received is not None
-                        )
-                    )
+                    results.append(Outcome(run, error="its process was killed", stopped=stopping()))
                     done += 1
                     log(f"[{done}/{total}] {_describe(results[-1])}")
                 pending.clear()

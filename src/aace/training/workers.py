@@ -50,8 +50,8 @@ from aace.training.preemption import EXIT_PREEMPTED, defer_signals, deferred_sig
 
 __all__ = [
     "RANK_ZERO_GRACE", "STOP_SIGNALS", "TRAINING", "ForwardSignals", "available_cpus",
-    "await_rank_zero", "first_line", "lost_contact", "rank", "report_failure", "watch_parent",
-    "world_size",
+    "await_rank_zero", "first_line", "lost_contact", "rank", "report_failure", "stop_children",
+    "watch_parent", "world_size",
 ]  # fmt: skip
 
 # The signals that stop a command at a checkpoint: SIGTERM (schedulers) and SIGINT (Ctrl-C).
@@ -69,6 +69,13 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def stop_children() -> None:
+    """SIGTERM to every live child process: each worker's run writes a checkpoint at its next
+    step boundary and stops (an idle worker remembers it for its next run)."""
+    for child in multiprocessing.active_children():
+        child.terminate()  # SIGTERM
+
+
 class ForwardSignals:
     """While active (in the main thread), a stop signal to this process is passed on to its
     worker processes as SIGTERM; ``received`` holds the first signal's number (None while none
@@ -82,8 +89,7 @@ class ForwardSignals:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is None:
             self.received = signum
-        for child in multiprocessing.active_children():
-            child.terminate()  # SIGTERM
+        stop_children()
 
     def __enter__(self) -> ForwardSignals:
         if threading.current_thread() is threading.main_thread():

@@ -6,7 +6,7 @@ This script measures what it would give up: the relative error ||Hv_fd - Hv|| / 
 the exact product (``aace.analysis.hessian_vector_product``) for several steps h, in float32 and
 float64, with the time of each against one forward-backward pass.
 
-    python benchmarks/hvp_finite_difference.py --model wrn16_4 --images 64
+    python -m benchmarks.micro.hvp_finite_difference --model wrn16_4 --images 64
 
 The model is freshly initialized and in train mode (BatchNorm on batch statistics, so the
 Hessian is that of a well-scaled network); the data are random images, the direction v a random
@@ -19,13 +19,12 @@ the Hessian (which autograd defines as zero across them). Writes
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from _common import DEFAULT_OUT_DIR, markdown_table, positive_int, write_results
 
 from aace.analysis import hessian_vector_product
 from aace.models import create_model
+from benchmarks.harness import DEFAULT_OUT_DIR, markdown_table, positive_int, timed, write_results
 
 
 def _gradient(model, params, x, y, flat: torch.Tensor) -> torch.Tensor:
@@ -47,22 +46,21 @@ def measure(model_name: str, images: int, dtype: torch.dtype, steps: list[float]
     v = torch.randn(w.numel(), dtype=dtype)
     v /= v.norm()
     _gradient(model, params, x, y, w)  # warm-up
-    start = time.perf_counter()
-    _gradient(model, params, x, y, w)
-    forward_backward = time.perf_counter() - start
-    start = time.perf_counter()
-    exact = hessian_vector_product(model, torch.nn.functional.cross_entropy, [(x, y)], v)
+    _, forward_backward = timed(lambda: _gradient(model, params, x, y, w))
+    exact, seconds = timed(
+        lambda: hessian_vector_product(model, torch.nn.functional.cross_entropy, [(x, y)], v)
+    )
     rows = [
         {"dtype": str(dtype).removeprefix("torch."), "method": "double backward (aace)",
-         "h": None, "relative_error": 0.0,
-         "x_forward_backward": (time.perf_counter() - start) / forward_backward},
+         "h": None, "relative_error": 0.0, "x_forward_backward": seconds / forward_backward},
     ]  # fmt: skip
     for h in steps:
-        start = time.perf_counter()
-        difference = _gradient(model, params, x, y, w + h * v) - _gradient(
-            model, params, x, y, w - h * v
+        difference, seconds = timed(
+            lambda h=h: (
+                _gradient(model, params, x, y, w + h * v)
+                - _gradient(model, params, x, y, w - h * v)
+            )
         )
-        seconds = time.perf_counter() - start
         approx = difference / (2 * h)
         rows.append(
             {"dtype": rows[0]["dtype"], "method": "central difference", "h": h,

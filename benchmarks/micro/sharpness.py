@@ -1,8 +1,9 @@
 """Cost of aace.analysis on a CPU, and PyHessian 0.1 side by side on the same model and data.
 
     pip install pyhessian==0.1       # only for the comparison; aace does not depend on it
-    python benchmarks/sharpness.py --dataset npz:../shared/data/cifar10_5k.npz --model wrn16_4 \\
-        --images 1024 --batch-size 128 --repeats 5 --warmup 1 --tol 1e-3 --trace-samples 10
+    python -m benchmarks.micro.sharpness --dataset npz:../shared/data/cifar10_5k.npz \\
+        --model wrn16_4 --images 1024 --batch-size 128 --repeats 5 --warmup 1 --tol 1e-3 \\
+        --trace-samples 10
 
 Three measurements, each with the variants interleaved round-robin (so a change of machine load
 hits them alike), reported as medians with n:
@@ -27,12 +28,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import (
+from torch.func import functional_call, grad, jvp
+
+from aace.analysis import hessian_eigen, hessian_trace_estimate, hessian_vector_product
+from aace.data import load_dataset
+from aace.models import create_model
+from benchmarks.harness import (
     add_common_arguments,
     markdown_table,
     positive_int,
@@ -42,11 +49,6 @@ from _common import (
     time_interleaved,
     write_results,
 )
-from torch.func import functional_call, grad, jvp
-
-from aace.analysis import hessian_eigen, hessian_trace_estimate, hessian_vector_product
-from aace.data import load_dataset
-from aace.models import create_model
 
 
 def _batches(args, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -119,6 +121,43 @@ def _pyhessian(model, batches):
 
     computer.dataloader_hv_product = counted
     return computer, calls
+
+
+def _solver_runs(
+    solvers: dict[str, Callable[[int], dict[str, Any]]],
+    repeats: int,
+    sync: Callable[[], None],
+    describe: Callable[[str, dict[str, Any]], str],
+) -> dict[str, list[dict[str, Any]]]:
+    """``repeats`` calls of each solver (``solver(repeat)`` -> its record), interleaved with the
+    order reversed every other repetition; each record gets its seconds under ``"s"``."""
+    records: dict[str, list[dict[str, Any]]] = {tool: [] for tool in solvers}
+    for repeat in range(repeats):
+        order = list(solvers) if repeat % 2 == 0 else list(reversed(solvers))
+        calls = {
+            tool: (lambda tool=tool, repeat=repeat: records[tool].append(solvers[tool](repeat)))
+            for tool in order
+        }
+        seconds = time_interleaved(calls, repeats=1, warmup=0, synchronize=sync)
+        for tool in order:
+            records[tool][-1]["s"] = seconds[tool][0]
+            print(describe(tool, records[tool][-1]), flush=True)
+    return records
+
+
+def _solver_rows(
+    what: str,
+    records: dict[str, list[dict[str, Any]]],
+    value: Callable[[list[dict[str, Any]]], str],
+    products: Callable[[list[dict[str, Any]]], object],
+) -> list[list[object]]:
+    """Table rows of :func:`_solver_runs`' records: median seconds, value and products, n."""
+    return [
+        [f"{what}, {tool}", f"{statistics.median(e['s'] for e in entries):.1f}",
+         value(entries), products(entries), len(entries)]
+        for tool, entries in records.items()
+        if entries
+    ]  # fmt: skip
 
 
 def main() -> int:
@@ -204,76 +243,64 @@ def main() -> int:
             )  # fmt: skip
         write()
 
+    def tools(aace: Callable[[int], dict[str, Any]], theirs: Callable[[int], dict[str, Any]]):
+        return {"aace": aace} | ({} if pyhessian is None else {"pyhessian": theirs})
+
     if "eigen" not in args.skip:
-        records: dict[str, list] = {"aace": [], "pyhessian": []}
-        for repeat in range(args.solver_repeats):
-            order = ["aace", "pyhessian"] if repeat % 2 == 0 else ["pyhessian", "aace"]
-            for tool in order:
-                if tool == "pyhessian" and pyhessian is None:
-                    continue
-                sync()
-                start = time.perf_counter()
-                if tool == "aace":
-                    result = hessian_eigen(
-                        model, loss_fn, batches, k=1, tol=args.tol, max_iter=100, seed=repeat
-                    )
-                    value, products = result.eigenvalues[0], result.iterations
-                else:
-                    computer, calls = pyhessian
-                    calls["n"] = 0
-                    torch.manual_seed(repeat)
-                    values, _ = computer.eigenvalues(maxIter=100, tol=args.tol, top_n=1)
-                    value, products = values[0], calls["n"]
-                sync()
-                seconds = time.perf_counter() - start
-                records[tool].append({"eigenvalue": value, "products": products, "s": seconds})
-                print(f"top eigenvalue, {tool}: {value:.6g} in {seconds:.1f} s, {products} HVPs",
-                      flush=True)  # fmt: skip
+
+        def aace_eigen(repeat: int) -> dict[str, Any]:
+            result = hessian_eigen(
+                model, loss_fn, batches, k=1, tol=args.tol, max_iter=100, seed=repeat
+            )
+            return {"eigenvalue": result.eigenvalues[0], "products": result.iterations}
+
+        def pyhessian_eigen(repeat: int) -> dict[str, Any]:
+            computer, calls = pyhessian
+            calls["n"] = 0
+            torch.manual_seed(repeat)
+            values, _ = computer.eigenvalues(maxIter=100, tol=args.tol, top_n=1)
+            return {"eigenvalue": values[0], "products": calls["n"]}
+
+        records = {"aace": [], "pyhessian": []} | _solver_runs(
+            tools(aace_eigen, pyhessian_eigen), args.solver_repeats, sync,
+            lambda tool, e: f"top eigenvalue, {tool}: {e['eigenvalue']:.6g} in {e['s']:.1f} s, "
+            f"{e['products']} HVPs",
+        )  # fmt: skip
         results["top_eigenvalue"] = records
-        for tool, entries in records.items():
-            if entries:
-                solver_rows.append(
-                    [f"top eigenvalue, {tool}",
-                     f"{statistics.median(e['s'] for e in entries):.1f}",
-                     f"{statistics.median(e['eigenvalue'] for e in entries):.6g}",
-                     f"{statistics.median(e['products'] for e in entries):g}", len(entries)]
-                )  # fmt: skip
+        solver_rows += _solver_rows(
+            "top eigenvalue", records,
+            lambda entries: f"{statistics.median(e['eigenvalue'] for e in entries):.6g}",
+            lambda entries: f"{statistics.median(e['products'] for e in entries):g}",
+        )  # fmt: skip
         write()
 
     if "trace" not in args.skip:
-        records = {"aace": [], "pyhessian": []}
-        for repeat in range(args.solver_repeats):
-            order = ["aace", "pyhessian"] if repeat % 2 == 0 else ["pyhessian", "aace"]
-            for tool in order:
-                if tool == "pyhessian" and pyhessian is None:
-                    continue
-                sync()
-                start = time.perf_counter()
-                if tool == "aace":
-                    estimate = hessian_trace_estimate(
-                        model, loss_fn, batches, samples=args.trace_samples, seed=repeat
-                    )
-                    value, stderr = estimate.trace, estimate.stderr
-                else:
-                    computer, _ = pyhessian
-                    torch.manual_seed(repeat)
-                    forms = computer.trace(maxIter=args.trace_samples, tol=float("-inf"))
-                    value = statistics.fmean(forms)
-                    stderr = statistics.stdev(forms) / len(forms) ** 0.5
-                sync()
-                seconds = time.perf_counter() - start
-                records[tool].append({"trace": value, "stderr": stderr, "s": seconds})
-                print(f"trace, {tool}: {value:.6g} ± {stderr:.3g} in {seconds:.1f} s", flush=True)
+
+        def aace_trace(repeat: int) -> dict[str, Any]:
+            estimate = hessian_trace_estimate(
+                model, loss_fn, batches, samples=args.trace_samples, seed=repeat
+            )
+            return {"trace": estimate.trace, "stderr": estimate.stderr}
+
+        def pyhessian_trace(repeat: int) -> dict[str, Any]:
+            computer, _ = pyhessian
+            torch.manual_seed(repeat)
+            forms = computer.trace(maxIter=args.trace_samples, tol=float("-inf"))
+            stderr = statistics.stdev(forms) / len(forms) ** 0.5
+            return {"trace": statistics.fmean(forms), "stderr": stderr}
+
+        records = {"aace": [], "pyhessian": []} | _solver_runs(
+            tools(aace_trace, pyhessian_trace), args.solver_repeats, sync,
+            lambda tool, e: f"trace, {tool}: {e['trace']:.6g} ± {e['stderr']:.3g} in "
+            f"{e['s']:.1f} s",
+        )  # fmt: skip
         results["trace"] = records
-        for tool, entries in records.items():
-            if entries:
-                solver_rows.append(
-                    [f"trace ({args.trace_samples} probes), {tool}",
-                     f"{statistics.median(e['s'] for e in entries):.1f}",
-                     f"{statistics.median(e['trace'] for e in entries):.6g} "
-                     f"± {statistics.median(e['stderr'] for e in entries):.2g}",
-                     args.trace_samples, len(entries)]
-                )  # fmt: skip
+        solver_rows += _solver_rows(
+            f"trace ({args.trace_samples} probes)", records,
+            lambda entries: f"{statistics.median(e['trace'] for e in entries):.6g} "
+            f"± {statistics.median(e['stderr'] for e in entries):.2g}",
+            lambda entries: args.trace_samples,
+        )  # fmt: skip
 
     print(write())
     return 0

@@ -2,7 +2,7 @@
 
 Rerun from the repository root with:
 
-    .venv/bin/python benchmarks/checkpointing.py
+    .venv/bin/python -m benchmarks.micro.checkpointing
 
 1. Cost, on WRN-16-4 (CIFAR-shaped batches of 128, SAM+AACE, SGD momentum): the median time of
    a training step and of writing the trainer's checkpoint (model, optimizer, scheduler, random
@@ -23,10 +23,8 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import _common
 import torch
 
 from aace.models import create_model
@@ -35,9 +33,9 @@ from aace.training.build import build_optimizer
 from aace.training.checkpoint import load_checkpoint, save_checkpoint
 from aace.training.config import RunConfig
 from aace.training.step import TrainStep
+from benchmarks import harness
 
-ROOT = Path(__file__).resolve().parent.parent
-FAULTS = ROOT / "tests" / "faults.py"
+FAULTS = harness.REPOSITORY / "tests" / "faults.py"
 
 
 def measure_cost(model_name: str, batch_size: int, repeats: int, every: int) -> dict:
@@ -50,14 +48,10 @@ def measure_cost(model_name: str, batch_size: int, repeats: int, every: int) -> 
     x = torch.randn(batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (batch_size,))
     step(x, y)  # warm-up, creates the momentum buffers
-    step_times, save_times = [], []
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+    with tempfile.TemporaryDirectory(dir=harness.REPOSITORY) as tmp:
         path = Path(tmp) / "checkpoint.pt"
-        for _ in range(repeats):
-            start = time.perf_counter()
-            step(x, y)
-            step_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
+
+        def write() -> None:
             payload = {
                 "config": config.to_dict(),
                 "epoch": 1,
@@ -69,10 +63,14 @@ def measure_cost(model_name: str, batch_size: int, repeats: int, every: int) -> 
                 "metrics": [{"epoch": 1, "test_acc": 0.5}],
             }
             save_checkpoint(path, payload)
-            save_times.append(time.perf_counter() - start)
+
+        samples = harness.time_interleaved(
+            {"step": lambda: step(x, y), "checkpoint write": write}, repeats, warmup=0
+        )
         size = path.stat().st_size
-    step_s = _common.summarize(step_times)
-    save_s = _common.summarize(save_times)
+    step_times, save_times = samples["step"], samples["checkpoint write"]
+    step_s = harness.summarize(step_times)
+    save_s = harness.summarize(save_times)
     return {
         "model": model_name,
         "batch_size": batch_size,
@@ -112,12 +110,12 @@ def lost_steps(kill_steps: list[int], every: int, tmp: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="wrn16_4")
-    parser.add_argument("--batch-size", type=_common.positive_int, default=128)
-    parser.add_argument("--repeats", type=_common.positive_int, default=7)
-    parser.add_argument("--every", type=_common.positive_int, default=50)
-    parser.add_argument("--kills", type=_common.positive_int, default=6)
-    parser.add_argument("--kill-every", type=_common.positive_int, default=10)
-    parser.add_argument("--out-dir", default=str(_common.DEFAULT_OUT_DIR))
+    parser.add_argument("--batch-size", type=harness.positive_int, default=128)
+    parser.add_argument("--repeats", type=harness.positive_int, default=7)
+    parser.add_argument("--every", type=harness.positive_int, default=50)
+    parser.add_argument("--kills", type=harness.positive_int, default=6)
+    parser.add_argument("--kill-every", type=harness.positive_int, default=10)
+    parser.add_argument("--out-dir", default=str(harness.DEFAULT_OUT_DIR))
     args = parser.parse_args()
 
     cost = measure_cost(args.model, args.batch_size, args.repeats, args.every)
@@ -127,11 +125,11 @@ def main() -> None:
         kills = lost_steps(kill_steps, args.kill_every, Path(tmp))
         kills += lost_steps(kill_steps, 0, Path(tmp))
 
-    cost_table = _common.markdown_table(
+    cost_table = harness.markdown_table(
         ["model", "batch", "step (ms, median)", "checkpoint write (ms, median)", "MB",
          f"cost of --checkpoint-every {args.every}"],
-        [[cost["model"], cost["batch_size"], _common.milliseconds(cost["step_seconds"]["median"]),
-          _common.milliseconds(cost["save_seconds"]["median"]),
+        [[cost["model"], cost["batch_size"], harness.milliseconds(cost["step_seconds"]["median"]),
+          harness.milliseconds(cost["save_seconds"]["median"]),
           f"{cost['checkpoint_bytes'] / 2**20:.1f}", f"{100 * cost['relative_cost']:.2f} %"]],
     )  # fmt: skip
     lost_rows = []
@@ -139,7 +137,7 @@ def main() -> None:
         lost = [r["steps_lost"] for r in kills if r["every"] == every]
         name = f"--checkpoint-every {every}" if every else "epoch ends only (22 steps/epoch)"
         lost_rows.append([name, len(lost), f"{sum(lost) / len(lost):.1f}", max(lost)])
-    lost_table = _common.markdown_table(
+    lost_table = harness.markdown_table(
         ["checkpoints", "kills", "steps lost (mean)", "steps lost (max)"], lost_rows
     )
     notes = (
@@ -147,7 +145,7 @@ def main() -> None:
         "seed 0) in a 4-epoch digits run (wrn10_1, batch 64, 22 steps per epoch), each a fresh "
         "run SIGKILLed at the start of that step."
     )
-    text = _common.write_results(
+    text = harness.write_results(
         "checkpointing",
         kills,
         cost_table + "\n\n" + lost_table,

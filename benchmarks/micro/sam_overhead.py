@@ -2,7 +2,7 @@
 
 Rerun the reported measurement from the repository root with:
 
-    .venv/bin/python benchmarks/sam_overhead.py --runs 5 --repeats 15
+    .venv/bin/python -m benchmarks.micro.sam_overhead --runs 5 --repeats 15
 
 What is timed: one training step, forward and backward passes included, on a small CNN where the
 optimizer's own bookkeeping is as large a share of the step as it gets (a 14-layer, 16-channel CNN:
@@ -18,8 +18,9 @@ optimizer's own bookkeeping is as large a share of the step as it gets (a 14-lay
 * ``--shared-model``: every variant steps the same model object, so all variants compute on the
   same weights; without it each variant has its own copy, whose weights (and so, on a CPU,
   possibly its speed: subnormal numbers) follow that variant's own trajectory.
-* ``LoopSAM``: the same passes with ``benchmarks/sam_step.py``'s ``LoopSAM``, the per-parameter
-  loop of the widely copied reference code (clone every parameter, ``p.data`` swapped back).
+* ``LoopSAM``: the same passes with ``benchmarks.baselines.LoopSAM`` (the AACE rule), the
+  per-parameter loop of the widely copied reference code (clone every parameter, ``p.data``
+  swapped back).
 * ``--batchnorm-only``: also ``SAM+AACE (BN flag only)``, the SAM+AACE step with its second pass
   under the former context manager, which switched BatchNorm's ``track_running_stats`` off and
   did nothing for other buffers; ``SAM+AACE / SAM+AACE (BN flag only)`` is then the cost of
@@ -39,53 +40,58 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-import _common
 import torch
-import torch.nn.functional as F
-from running_stats import batchnorm_flag_only
-from sam_step import RHO, SGD_KWARGS, LoopSAM, cnn13
 from torch import nn
 
-from aace import SAM, aace_loss, frozen_running_stats
+from aace import SAM, aace_loss
+from benchmarks import harness
+from benchmarks.baselines import (
+    RHO,
+    SGD_KWARGS,
+    LoopSAM,
+    batchnorm_flag_only,
+    cnn13,
+    sam_step,
+    sgd_step,
+)
 
 BATCH, SIZE, CONVOLUTIONS = 64, 16, 13
+# A variant: its model, its optimizer, and its step(model, opt, x, y) on one batch.
+Step = Callable[[nn.Module, Any, torch.Tensor, torch.Tensor], Callable[[], None]]
 
 
-def sgd_twice(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
-    for _ in range(2):
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+def sgd_twice(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    step = sgd_step(model, opt, x, y)
+
+    def twice() -> None:
+        step()
+        step()
+
+    return twice
 
 
-def sam_step(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
-    aace_loss(model(x), y).backward()
-    opt.first_step(zero_grad=True)
-    with frozen_running_stats(model):
-        F.cross_entropy(model(x), y).backward()
-    opt.second_step(zero_grad=True)
+def sam_aace(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    return sam_step(model, model, opt, aace_loss, x, y)
 
 
-def sam_step_batchnorm_only(model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor) -> None:
-    aace_loss(model(x), y).backward()
-    opt.first_step(zero_grad=True)
-    with batchnorm_flag_only(model):
-        F.cross_entropy(model(x), y).backward()
-    opt.second_step(zero_grad=True)
+def sam_aace_batchnorm_only(
+    model: nn.Module, opt: Any, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], None]:
+    return sam_step(model, model, opt, aace_loss, x, y, second_pass=batchnorm_flag_only)
 
 
 def build(
     track_stats: bool, shared_model: bool, batchnorm_only: bool = False
-) -> dict[str, tuple[nn.Module, Any, Callable[..., None]]]:
+) -> dict[str, tuple[nn.Module, Any, Step]]:
     torch.manual_seed(0)
     base = cnn13(convolutions=CONVOLUTIONS).train()
-    variants: dict[str, tuple[nn.Module, Any, Callable[..., None]]] = {}
+    variants: dict[str, tuple[nn.Module, Any, Step]] = {}
 
     model = base if shared_model else copy.deepcopy(base)
     variants["SGD x2"] = (model, torch.optim.SGD(model.parameters(), **SGD_KWARGS), sgd_twice)
     model = base if shared_model else copy.deepcopy(base)
     opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, perturbation="aace", **SGD_KWARGS)
-    variants["SAM+AACE"] = (model, opt, sam_step)
+    variants["SAM+AACE"] = (model, opt, sam_aace)
     if track_stats:
         model = base if shared_model else copy.deepcopy(base)
         opt = SAM(
@@ -96,16 +102,16 @@ def build(
             track_stats=True,
             **SGD_KWARGS,
         )
-        variants["SAM+AACE (stats)"] = (model, opt, sam_step)
+        variants["SAM+AACE (stats)"] = (model, opt, sam_aace)
     if batchnorm_only:
         model = base if shared_model else copy.deepcopy(base)
         opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, perturbation="aace", **SGD_KWARGS)
-        variants["SAM+AACE (BN flag only)"] = (model, opt, sam_step_batchnorm_only)
+        variants["SAM+AACE (BN flag only)"] = (model, opt, sam_aace_batchnorm_only)
     model = base if shared_model else copy.deepcopy(base)
     variants["LoopSAM"] = (
         model,
-        LoopSAM(model.parameters(), torch.optim.SGD, rho=RHO, **SGD_KWARGS),
-        sam_step,
+        LoopSAM(model.parameters(), torch.optim.SGD, rho=RHO, perturbation="aace", **SGD_KWARGS),
+        sam_aace,
     )
     return variants
 
@@ -114,17 +120,14 @@ def one_run(variants: dict[str, Any], repeats: int, warmup: int, seed: int) -> d
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(BATCH, 3, SIZE, SIZE, generator=gen)
     y = torch.randint(0, 10, (BATCH,), generator=gen)
-    calls = {
-        name: (lambda model=model, opt=opt, step=step: step(model, opt, x, y))
-        for name, (model, opt, step) in variants.items()
-    }
-    samples = _common.time_interleaved(calls, repeats, warmup)
+    calls = {name: step(model, opt, x, y) for name, (model, opt, step) in variants.items()}
+    samples = harness.time_interleaved(calls, repeats, warmup)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=_common.positive_int, default=5)
+    parser.add_argument("--runs", type=harness.positive_int, default=5)
     parser.add_argument("--name", default="sam_overhead", help="results file name")
     parser.add_argument(
         "--track-stats",
@@ -145,11 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         help="every variant steps one and the same model (the same weights at every step), "
         "instead of a copy of its own whose weights follow that variant's trajectory",
     )
-    _common.add_common_arguments(parser, repeats=15, warmup=3)
+    harness.add_common_arguments(parser, repeats=15, warmup=3)
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = 2
-    device = _common.setup(parser, args)
+    device = harness.setup(parser, args)
     if device.type != "cpu":
         parser.error("this harness times the CPU step; got --device " + args.device)
     variants = build(args.track_stats, args.shared_model, args.batchnorm_only)
@@ -172,29 +175,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.batchnorm_only:
         key, ref = "SAM+AACE / SAM+AACE (BN flag only)", "SAM+AACE (BN flag only)"
         ratios[key] = [r["median_step_s"]["SAM+AACE"] / r["median_step_s"][ref] for r in rows]
-    summary = {
-        key: {"median": statistics.median(v), "min": min(v), "max": max(v), "n_runs": len(v)}
-        for key, v in ratios.items()
-    }
+    summary = {key: harness.over_runs(v) for key, v in ratios.items()}
     headers = ["run"] + [f"{n} ms" for n in names] + list(ratios)
     table_rows = [
         [r["run"]]
-        + [_common.milliseconds(r["median_step_s"][n]) for n in names]
+        + [harness.milliseconds(r["median_step_s"][n]) for n in names]
         + [f"{ratios[key][i]:.3f}" for key in ratios]
         for i, r in enumerate(rows)
     ]
-    table = _common.markdown_table(headers, table_rows)
+    table = harness.markdown_table(headers, table_rows)
     notes = (
         f"Each run: median of {args.repeats} interleaved steps per variant after {args.warmup} "
         f"warm-up rounds; {tensors} parameter tensors ({params:,} parameters), batch {BATCH} of "
         f"3x{SIZE}x{SIZE}, {torch.get_num_threads()} threads.\n\n"
-        + "\n\n".join(
-            f"{key}: median {s['median']:.3f} over {s['n_runs']} runs "
-            f"(range {s['min']:.3f}-{s['max']:.3f})"
-            for key, s in summary.items()
-        )
+        + "\n\n".join(harness.over_runs_text(key, s) for key, s in summary.items())
     )
-    text = _common.write_results(
+    text = harness.write_results(
         args.name,
         rows,
         table,

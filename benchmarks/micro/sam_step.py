@@ -2,7 +2,7 @@
 
 Rerun the reported measurement from the repository root with:
 
-    .venv/bin/python benchmarks/sam_step.py --runs 8 --repeats 15
+    .venv/bin/python -m benchmarks.micro.sam_step --runs 8 --repeats 15
 
 What is timed: ``first_step(zero_grad=True)`` plus ``second_step(zero_grad=True)`` (SGD with
 momentum 0.9 and weight decay 5e-4 as the base), not the forward and backward passes, which are
@@ -17,10 +17,11 @@ Variants, each with its own copy of the three models:
 
 * ``SAM``: ``aace.SAM(perturbation="aace", rho=0.2)``, as installed. Passes over parameter
   memory: save w (copy), ``w += -rho * g`` (one fused pass), restore (copy back).
-* ``LoopSAM``: :class:`LoopSAM`, the per-parameter loop of the widely copied reference code
-  (davda54/sam), with the AACE rule: ``old = p.data.clone()``, ``p.add_(-rho * p.grad)``, and
-  ``p.data = old`` to restore (a pointer swap: no pass, but an anti-pattern for autograd and
-  DDP; kept here to time it faithfully). Passes: clone, scale (a new tensor), add.
+* ``LoopSAM``: ``benchmarks.baselines.LoopSAM(perturbation="aace")``, the per-parameter loop of
+  the widely copied reference code (davda54/sam), with the AACE rule: ``old = p.data.clone()``,
+  ``p.add_(-rho * p.grad)``, and ``p.data = old`` to restore (a pointer swap: no pass, but an
+  anti-pattern for autograd and DDP; kept here to time it faithfully). Passes: clone, scale (a
+  new tensor), add.
 * ``--track-stats``: the ``aace.SAM`` variants keep their statistics (``grad_norm``,
   ``perturbation_norm``, ``perturbation_cosine``), as ``aace train`` does; LoopSAM keeps none.
 * ``SAM (baseline)``, with ``--baseline-sam FILE``: the ``SAM`` class of another version of
@@ -39,68 +40,18 @@ import argparse
 import copy
 import importlib.util
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import _common
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aace import SAM, aace_loss
+from benchmarks import harness
+from benchmarks.baselines import RHO, SGD_KWARGS, LoopSAM, cnn13
 
-RHO = 0.2
-SGD_KWARGS = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 MODELS = 3
-
-
-def cnn13(channels: int = 16, convolutions: int = 12, num_classes: int = 10) -> nn.Module:
-    """12 convolutions (3x3, ``channels`` wide, BatchNorm, ReLU), average pooling, linear."""
-    layers: list[nn.Module] = []
-    in_channels = 3
-    for _ in range(convolutions):
-        layers += [
-            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.ReLU(),
-        ]
-        in_channels = channels
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
-    return nn.Sequential(*layers)
-
-
-class LoopSAM(torch.optim.Optimizer):
-    """SAM+AACE as a plain loop over parameters (the davda54/sam structure, unnormalized AACE
-    perturbation ``e = -rho g``); restores w by reassigning ``p.data``."""
-
-    def __init__(self, params: Any, base_optimizer: Callable[..., Any], rho: float, **kwargs: Any):
-        super().__init__(params, dict(rho=rho, **kwargs))
-        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self.state[p]["old_p"] = p.data.clone()
-                p.add_(p.grad * -group["rho"])
-        if zero_grad:
-            self.zero_grad()
-
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                p.data = self.state[p]["old_p"]  # the reference's restore, timed faithfully
-        self.base_optimizer.step()
-        if zero_grad:
-            self.zero_grad()
 
 
 def _load_sam_class(path: Path) -> type:
@@ -147,7 +98,9 @@ def build(
         for base, g in zip(bases, grads):
             model = copy.deepcopy(base)
             if cls is LoopSAM:
-                opt = LoopSAM(model.parameters(), torch.optim.SGD, rho=RHO, **SGD_KWARGS)
+                opt = LoopSAM(
+                    model.parameters(), torch.optim.SGD, rho=RHO, perturbation="aace", **SGD_KWARGS
+                )
             else:
                 opt = cls(
                     model.parameters(),
@@ -166,29 +119,28 @@ def one_run(
     variants: dict[str, list[tuple[nn.Module, Any, Any]]], repeats: int, warmup: int
 ) -> dict[str, dict[str, list[float]]]:
     """Seconds of first_step and second_step per model step, per variant."""
-    names = list(variants)
-    samples = {name: {"first_step": [], "second_step": []} for name in names}
-    for round_index in range(warmup + repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            for model, opt, (g_aace, g_ce) in variants[name]:
-                _set_grads(model, g_aace)
-                start = time.perf_counter()
+
+    def step_models(entries: list[tuple[nn.Module, Any, Any]]):
+        def run(laps: harness.Laps) -> None:
+            for model, opt, (g_aace, g_ce) in entries:
+                _set_grads(model, g_aace)  # untimed: a real gradient, as after a backward pass
+                laps.start()
                 opt.first_step(zero_grad=True)
-                middle = time.perf_counter()
+                laps.lap("first_step")
                 _set_grads(model, g_ce)
-                middle2 = time.perf_counter()
+                laps.start()
                 opt.second_step(zero_grad=True)
-                end = time.perf_counter()
-                if round_index >= warmup:
-                    samples[name]["first_step"].append(middle - start)
-                    samples[name]["second_step"].append(end - middle2)
-    return samples
+                laps.lap("second_step")
+
+        return run
+
+    calls = {name: step_models(entries) for name, entries in variants.items()}
+    return harness.time_phases(calls, repeats, warmup)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=_common.positive_int, default=8)
+    parser.add_argument("--runs", type=harness.positive_int, default=8)
     parser.add_argument(
         "--baseline-sam", type=Path, help="another sam.py whose SAM class to time alongside"
     )
@@ -199,9 +151,9 @@ def main(argv: list[str] | None = None) -> None:
         default=False,
         help="SAM variants keep grad_norm, perturbation_norm and cosine, as aace train does",
     )
-    _common.add_common_arguments(parser, repeats=15, warmup=3)
+    harness.add_common_arguments(parser, repeats=15, warmup=3)
     args = parser.parse_args(argv)
-    device = _common.setup(parser, args)
+    device = harness.setup(parser, args)
     if device.type != "cpu":
         parser.error("this harness times the CPU step; got --device " + args.device)
     sam_classes: dict[str, type] = {"SAM": SAM, "LoopSAM": LoopSAM}
@@ -226,31 +178,27 @@ def main(argv: list[str] | None = None) -> None:
     table_rows = []
     for row in rows:
         med = row["median_step_s"]
-        cells = [row["run"]] + [_common.milliseconds(med[name]) for name in sam_classes]
+        cells = [row["run"]] + [harness.milliseconds(med[name]) for name in sam_classes]
         cells += [f"{med['SAM'] / med[name]:.3f}" for name in others]
         table_rows.append(cells)
     ratios = {
         name: [row["median_step_s"]["SAM"] / row["median_step_s"][name] for row in rows]
         for name in others
     }
-    summary = {
-        name: {"median": statistics.median(r), "min": min(r), "max": max(r), "n_runs": len(r)}
-        for name, r in ratios.items()
-    }
+    summary = {name: harness.over_runs(r) for name, r in ratios.items()}
     headers = ["run"] + [f"{name} ms" for name in sam_classes]
     headers += [f"SAM / {name}" for name in others]
-    table = _common.markdown_table(headers, table_rows)
+    table = harness.markdown_table(headers, table_rows)
     phase_rows = []
     for name in sam_classes:
         for phase in ("first_step", "second_step"):
             values = [row["median_phase_s"][name][phase] for row in rows]
-            phase_rows.append([name, phase, _common.milliseconds(statistics.median(values))])
-    table += "\n\n" + _common.markdown_table(
+            phase_rows.append([name, phase, harness.milliseconds(statistics.median(values))])
+    table += "\n\n" + harness.markdown_table(
         ["variant", "call", "median over runs of the run medians, ms"], phase_rows
     )
     summary_lines = [
-        f"SAM / {name}: median {s['median']:.3f} over {s['n_runs']} runs "
-        f"(range {s['min']:.3f}-{s['max']:.3f}); below 1 means SAM is faster"
+        harness.over_runs_text(f"SAM / {name}", s) + "; below 1 means SAM is faster"
         for name, s in summary.items()
     ]
     notes = (
@@ -258,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         f"interleaved rounds x {MODELS} models, after {args.warmup} warm-up rounds); "
         f"{params:,} parameters in {tensors} tensors per model.\n\n" + "\n\n".join(summary_lines)
     )
-    text = _common.write_results(
+    text = harness.write_results(
         args.name,
         rows,
         table,

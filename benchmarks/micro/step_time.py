@@ -2,13 +2,13 @@
 
 Rerun the reported measurement from the repository root with:
 
-    .venv/bin/python benchmarks/step_time.py --model wrn16_4 --batch-size 128 --repeats 10
+    .venv/bin/python -m benchmarks.micro.step_time --model wrn16_4 --batch-size 128 --repeats 10
 
 (``--model`` may be given several times, as ``NAME:BATCH`` for a batch size of its own;
 ``--device cuda --amp bf16`` for a GPU.) On a GPU, one invocation sweeps models, precision,
 compilation and memory layout (``benchmarks/gpu/run_all.sh``)::
 
-    python benchmarks/step_time.py --device cuda --model wrn28_10:256 \\
+    python -m benchmarks.micro.step_time --device cuda --model wrn28_10:256 \\
         --model pyramidnet272_200:64 --setting fp32 --setting bf16 --setting bf16+channels-last \\
         --setting bf16+compile --name step_time-gpu
 
@@ -30,17 +30,17 @@ lr 0.1, momentum 0.9, weight decay 5e-4 as the base), all on the same random CIF
 * ``SAM``: ``aace.SAM`` with rho 0.05 and the cross-entropy perturbation.
 * ``SAM+AACE``: ``aace.SAM`` with rho 0.2, ``perturbation="aace"`` and ``aace_loss`` for the
   first pass.
-* ``LoopSAM``: :class:`LoopSAM` below, a plain per-parameter loop in the style of the widely
-  used davda54/sam implementation, rho 0.05, cross-entropy perturbation.
+* ``LoopSAM``: ``benchmarks.baselines.LoopSAM``, a plain per-parameter loop in the style of the
+  widely used davda54/sam implementation, rho 0.05, cross-entropy perturbation.
 
 Every SAM variant runs its second forward pass under ``frozen_running_stats``. With
 ``--amp bf16`` each forward pass and its loss run under autocast, as in ``aace train``. A SAM step
 costs two forward-backward passes, so ``SAM+AACE / (2 x SGD)`` near 1 means the optimizer's own
 work (norm, perturbation, saving and restoring the weights) is negligible.
 
-Timings are interleaved (see ``_common.time_interleaved``): each repetition times one step of
-every variant, so machine-load changes hit all variants alike. Ratios are given both as the
-ratio of medians and as the median of the per-repetition ratios. On CUDA the clock is read
+Timings are interleaved (see ``benchmarks.harness.time_interleaved``): each repetition times
+one step of every variant, so machine-load changes hit all variants alike. Ratios are given both
+as the ratio of medians and as the median of the per-repetition ratios. On CUDA the clock is read
 after ``torch.cuda.synchronize()``.
 
 Also reported per model and setting: images/s (batch / median step time) and, on CUDA, each
@@ -63,25 +63,30 @@ import copy
 import gc
 import itertools
 import statistics
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import _common
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from aace import SAM, aace_loss, frozen_running_stats
+from aace import SAM, aace_loss
 from aace.models import create_model
+from benchmarks import harness
+from benchmarks.baselines import (
+    CIFAR_SGD_KWARGS,
+    VARIANTS,
+    Autocast,
+    Forward,
+    cuda_peak_bytes,
+    footprint_bytes,
+    make_optimizer,
+    sam_step,
+    variant_step,
+)
 
 NUM_CLASSES = 10
-SGD_KWARGS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
-VARIANTS = ("SGD", "SAM", "SAM+AACE", "LoopSAM")
-Autocast = Callable[[], AbstractContextManager[Any]]
-Forward = Callable[[torch.Tensor], torch.Tensor]
 _SETTING_PARTS = {
     "fp32": ("amp", "off"),
     "bf16": ("amp", "bf16"),
@@ -135,127 +140,6 @@ def matrix_settings() -> list[Setting]:
     return [Setting(amp, compile, layout) for compile, amp, layout in combos]
 
 
-class LoopSAM(torch.optim.Optimizer):
-    """SAM as a plain loop over parameters, the structure of the davda54/sam implementation.
-
-    A reference point only: a Python loop with one small kernel per parameter and operation,
-    a fresh clone of every weight at each step, and ``p.data`` reassignment to restore it.
-    ``e = rho * g / (||g|| + 1e-12)``, with ``||g||`` the L2 norm over all gradients.
-    """
-
-    def __init__(
-        self,
-        params: Any,
-        base_optimizer: Callable[..., torch.optim.Optimizer],
-        rho: float = 0.05,
-        **kwargs: Any,
-    ) -> None:
-        if rho < 0.0:
-            raise ValueError(f"rho must be >= 0, got {rho!r}")
-        super().__init__(params, dict(rho=rho, **kwargs))
-        self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
-
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        grad_norm = torch.norm(
-            torch.stack(
-                [
-                    p.grad.norm(p=2)
-                    for group in self.param_groups
-                    for p in group["params"]
-                    if p.grad is not None
-                ]
-            ),
-            p=2,
-        )
-        for group in self.param_groups:
-            scale = group["rho"] / (grad_norm + 1e-12)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self.state[p]["old_p"] = p.data.clone()
-                e_w = p.grad * scale.to(p)
-                p.add_(e_w)
-        if zero_grad:
-            self.zero_grad()
-
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                # Reassigning .data is the reference's way back to w; kept to time it faithfully.
-                p.data = self.state[p]["old_p"]
-        self.base_optimizer.step()
-        if zero_grad:
-            self.zero_grad()
-
-
-def _sgd_step(
-    forward: Forward,
-    opt: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    autocast: Autocast,
-):
-    def step() -> None:
-        with autocast():
-            loss = F.cross_entropy(forward(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def _sam_step(
-    model: nn.Module,
-    forward: Forward,
-    opt: SAM | LoopSAM | _Labelled,
-    first_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    autocast: Autocast,
-    phase_done: Callable[[str], None] = lambda phase: None,
-):
-    """The documented two-pass SAM step; ``phase_done(name)`` is called after each phase.
-
-    ``forward`` is ``model`` or its compiled wrapper; the BatchNorm flags that
-    ``frozen_running_stats`` flips are the model's own either way.
-    """
-
-    def step() -> None:
-        with autocast():
-            loss = first_loss(forward(x), y)
-        loss.backward()
-        phase_done("first pass (forward + backward)")
-        opt.first_step(zero_grad=True)
-        phase_done("SAM.first_step")
-        with frozen_running_stats(model), autocast():
-            loss = F.cross_entropy(forward(x), y)
-        loss.backward()
-        phase_done("second pass (forward + backward)")
-        opt.second_step(zero_grad=True)
-        phase_done("SAM.second_step")
-
-    return step
-
-
-def _optimizer(variant: str, model: nn.Module) -> torch.optim.Optimizer:
-    if variant == "SGD":
-        return torch.optim.SGD(model.parameters(), **SGD_KWARGS)
-    if variant == "SAM":
-        return SAM(model.parameters(), torch.optim.SGD, rho=0.05, **SGD_KWARGS)
-    if variant == "SAM+AACE":
-        return SAM(model.parameters(), torch.optim.SGD, rho=0.2, perturbation="aace", **SGD_KWARGS)
-    if variant == "LoopSAM":
-        return LoopSAM(model.parameters(), torch.optim.SGD, rho=0.05, **SGD_KWARGS)
-    raise ValueError(f"variant: got {variant!r}; expected one of {', '.join(VARIANTS)}")
-
-
 def _forward(model: nn.Module, compile: bool) -> Forward:
     return torch.compile(model) if compile else model
 
@@ -265,12 +149,13 @@ def build_variants(
 ) -> tuple[dict[str, Callable[[], None]], dict[str, nn.Module], dict[str, torch.optim.Optimizer]]:
     """One step function per variant, each with its own copy of ``base`` and optimizer."""
     models = {name: copy.deepcopy(base) for name in VARIANTS}
-    opts = {name: _optimizer(name, models[name]) for name in VARIANTS}
-    forwards = {name: _forward(models[name], compile) for name in VARIANTS}
-    first_loss = {"SAM": F.cross_entropy, "SAM+AACE": aace_loss, "LoopSAM": F.cross_entropy}
-    steps = {"SGD": _sgd_step(forwards["SGD"], opts["SGD"], x, y, autocast)}
-    for name, loss in first_loss.items():
-        steps[name] = _sam_step(models[name], forwards[name], opts[name], loss, x, y, autocast)
+    opts = {name: make_optimizer(name, models[name]) for name in VARIANTS}
+    steps = {
+        name: variant_step(
+            name, models[name], opts[name], x, y, autocast, _forward(models[name], compile)
+        )
+        for name in VARIANTS
+    }
     return steps, models, opts
 
 
@@ -287,25 +172,6 @@ class _Labelled:
     def second_step(self, zero_grad: bool = False) -> None:
         with torch.profiler.record_function("SAM.second_step"):
             self.opt.second_step(zero_grad=zero_grad)
-
-
-class _PhaseClock:
-    """Seconds between consecutive ``phase_done`` calls, per phase (device synchronized)."""
-
-    def __init__(self, synchronize: Callable[[], None]) -> None:
-        self.synchronize = synchronize
-        self.seconds: dict[str, list[float]] = {}
-        self.last = 0.0
-
-    def start(self) -> None:
-        self.synchronize()
-        self.last = time.perf_counter()
-
-    def __call__(self, phase: str) -> None:
-        self.synchronize()
-        now = time.perf_counter()
-        self.seconds.setdefault(phase, []).append(now - self.last)
-        self.last = now
 
 
 def _ops_inside(events: Any, label: str, steps: int) -> list[dict[str, Any]]:
@@ -351,25 +217,26 @@ def profile_sam_aace(
     ``SAM.first_step`` and ``SAM.second_step`` spend their time in (``torch.profiler``)."""
     model = copy.deepcopy(base)
     forward = _forward(model, compile)
-    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.2, perturbation="aace", **SGD_KWARGS)
-    clock = _PhaseClock(_common.synchronizer(device))
-    step = _sam_step(model, forward, opt, aace_loss, x, y, autocast, clock)
-    for round_index in range(warmup + repeats):
-        if round_index == warmup:
-            clock.seconds.clear()
-        clock.start()
-        step()
-    phase_median_s = {phase: statistics.median(s) for phase, s in clock.seconds.items()}
+    opt = make_optimizer("SAM+AACE", model)
+
+    def phases(laps: harness.Laps) -> None:
+        laps.start()
+        sam_step(model, forward, opt, aace_loss, x, y, autocast, laps.lap)()
+
+    seconds = harness.time_phases(
+        {"SAM+AACE": phases}, repeats, warmup, harness.synchronizer(device)
+    )
+    phase_median_s = {phase: statistics.median(s) for phase, s in seconds["SAM+AACE"].items()}
 
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     profiled_steps = min(repeats, 5)
-    profiled = _sam_step(model, forward, _Labelled(opt), aace_loss, x, y, autocast)
+    profiled = sam_step(model, forward, _Labelled(opt), aace_loss, x, y, autocast)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(profiled_steps):
             profiled()
-        _common.synchronizer(device)()
+        harness.synchronizer(device)()
     events = prof.events()
     top_ops = {
         call: _ops_inside(events, call, profiled_steps)[:10]
@@ -388,39 +255,6 @@ RATIO_PAIRS = {
     "LoopSAM / SAM+AACE": ("LoopSAM", "SAM+AACE", 1.0),
     "LoopSAM / SAM": ("LoopSAM", "SAM", 1.0),
 }
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
-def footprint_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Bytes a variant keeps between steps: parameters, buffers and optimizer state (for SAM
-    and LoopSAM also their base optimizer's), each storage counted once (LoopSAM's saved
-    weights become the parameters' storage). Gradients are freed by ``zero_grad``."""
-    tensors = list(model.parameters()) + list(model.buffers()) + _tensors(opt.state)
-    base = getattr(opt, "base_optimizer", None)
-    if base is not None and base is not opt:
-        tensors += _tensors(base.state)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def step_peak_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak of ``torch.cuda.max_memory_allocated`` during one ``step()`` above the memory
-    allocated just before it (activations, gradients, temporaries)."""
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
 
 
 def _raise_compile_limits() -> None:
@@ -462,7 +296,7 @@ def parse_model(text: str, default_batch: int) -> tuple[str, int]:
     if not batch:
         return name, default_batch
     try:
-        return name, _common.positive_int(batch)
+        return name, harness.positive_int(batch)
     except (ValueError, argparse.ArgumentTypeError):
         raise ValueError(
             f"--model {text!r}: expected NAME or NAME:BATCH with BATCH an integer >= 1"
@@ -496,21 +330,15 @@ def measure_block(
         return nullcontext()
 
     steps, models, opts = build_variants(base, x, y, autocast, setting.compile)
-    synchronize = _common.synchronizer(device)
+    synchronize = harness.synchronizer(device)
     # The first call pays the lazy set-up: cuDNN plans, and with compile the compilation.
-    first_step_s = {}
-    for name in VARIANTS:
-        synchronize()
-        start = time.perf_counter()
-        steps[name]()
-        synchronize()
-        first_step_s[name] = time.perf_counter() - start
-    samples = _common.time_interleaved(steps, args.repeats, args.warmup, synchronize)
+    first_step_s = {name: harness.timed(steps[name], synchronize)[1] for name in VARIANTS}
+    samples = harness.time_interleaved(steps, args.repeats, args.warmup, synchronize)
     peak: dict[str, int | None] = dict.fromkeys(VARIANTS)
     if device.type == "cuda":
         for name in VARIANTS:
-            transient = step_peak_bytes(steps[name], device)
-            peak[name] = footprint_bytes(models[name], opts[name]) + transient
+            before, during = cuda_peak_bytes(steps[name], device)
+            peak[name] = footprint_bytes(models[name], opts[name]) + during - before
     finite = {
         name: all(bool(torch.isfinite(p).all()) for p in models[name].parameters())
         for name in VARIANTS
@@ -573,7 +401,7 @@ def write_blocks(
         model_name, setting, samples = block["model"], block["setting"], block["samples"]
         batch = block["batch_size"]
         label = setting.label
-        summaries = {name: _common.summarize(samples[name]) for name in VARIANTS}
+        summaries = {name: harness.summarize(samples[name]) for name in VARIANTS}
         median = {name: summaries[name]["median"] for name in VARIANTS}
         peak = block["peak_bytes"]
         for name in VARIANTS:
@@ -602,9 +430,9 @@ def write_blocks(
                     model_name,
                     label,
                     name,
-                    _common.milliseconds(s["median"]),
-                    f"{_common.milliseconds(s['q1'])}-{_common.milliseconds(s['q3'])}",
-                    f"{_common.milliseconds(s['min'])}-{_common.milliseconds(s['max'])}",
+                    harness.milliseconds(s["median"]),
+                    f"{harness.milliseconds(s['q1'])}-{harness.milliseconds(s['q3'])}",
+                    f"{harness.milliseconds(s['min'])}-{harness.milliseconds(s['max'])}",
                     f"{batch / s['median']:,.0f}",
                     _mib(peak[name]),
                     f"{block['first_step_s'][name]:.2f}",
@@ -615,7 +443,7 @@ def write_blocks(
         cells = [model_name, label]
         for pair, (num, den, scale) in RATIO_PAIRS.items():
             of_medians = median[num] / (scale * median[den])
-            paired = _common.paired_ratio(samples[num], samples[den], scale)
+            paired = harness.paired_ratio(samples[num], samples[den], scale)
             block_ratios[pair] = {"ratio_of_medians": of_medians, "median_paired_ratio": paired}
             cells.append(_format_ratio(of_medians, paired))
         ratios.append(block_ratios)
@@ -627,8 +455,8 @@ def write_blocks(
             [
                 model_name,
                 label,
-                _common.milliseconds(median["SGD"]),
-                _common.milliseconds(median["SAM+AACE"]),
+                harness.milliseconds(median["SGD"]),
+                harness.milliseconds(median["SAM+AACE"]),
                 f"{batch / median['SAM+AACE']:,.0f}",
                 f"{aace_over_sgd:.3f}",
                 f"{loop_over_aace:.3f}",
@@ -646,7 +474,7 @@ def write_blocks(
                         model_name,
                         label,
                         phase,
-                        _common.milliseconds(seconds),
+                        harness.milliseconds(seconds),
                         f"{seconds / total:.1%}",
                     ]
                 )
@@ -675,7 +503,7 @@ def write_blocks(
         header,
         "Summary (ratios of medians; peak = the variant's own footprint, see notes; first step "
         "= the slowest variant's first call, which includes compilation):",
-        _common.markdown_table(
+        harness.markdown_table(
             [
                 "model",
                 "setting",
@@ -690,7 +518,7 @@ def write_blocks(
             summary_rows,
         ),
         "Every variant:",
-        _common.markdown_table(
+        harness.markdown_table(
             [
                 "model",
                 "setting",
@@ -706,15 +534,15 @@ def write_blocks(
             step_rows,
         ),
         "Ratios: ratio of medians (median of per-repetition ratios).",
-        _common.markdown_table(["model", "setting", *RATIO_PAIRS], ratio_rows),
+        harness.markdown_table(["model", "setting", *RATIO_PAIRS], ratio_rows),
     ]
     if phase_rows:
         tables += [
             "SAM+AACE step by phase (medians of separately timed phases):",
-            _common.markdown_table(["model", "setting", "phase", "median ms", "share"], phase_rows),
+            harness.markdown_table(["model", "setting", "phase", "median ms", "share"], phase_rows),
             "Top operators inside the SAM calls of the SAM+AACE step (torch.profiler, self time "
             "per step):",
-            _common.markdown_table(
+            harness.markdown_table(
                 ["model", "setting", "call", "operator", "calls", "self CPU ms", "self device ms"],
                 op_rows,
             ),
@@ -744,7 +572,7 @@ def write_blocks(
         "amp": amps[0] if len(amps) == 1 else amps,
         "settings": [dict(asdict(s), label=s.label) for s in settings],
         "threads": args.threads,
-        "sgd": SGD_KWARGS,
+        "sgd": CIFAR_SGD_KWARGS,
         "profile": args.profile,
         "blocks_finished": len(blocks),
         "blocks_planned": planned,
@@ -755,7 +583,7 @@ def write_blocks(
     dynamo = {f"{b['model']} {b['setting'].label}": b["dynamo"] for b in blocks if "dynamo" in b}
     if dynamo:
         extra["dynamo_counters"] = dynamo
-    return _common.write_results(
+    return harness.write_results(
         args.name,
         rows,
         "\n\n".join(tables),
@@ -769,7 +597,7 @@ def write_blocks(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_model_arguments(parser)  # here NAME or NAME:BATCH, e.g. pyramidnet272_200:64
+    harness.add_model_arguments(parser)  # here NAME or NAME:BATCH, e.g. pyramidnet272_200:64
     parser.add_argument(
         "--amp",
         choices=("off", "bf16"),
@@ -817,10 +645,10 @@ def main(argv: list[str] | None = None) -> None:
         help="the outer loop: settings (every model's eager settings finish before the first "
         "compilation) or models (one model's settings, then the next); default: %(default)s",
     )
-    _common.add_name_argument(parser, "step_time")
-    _common.add_common_arguments(parser, repeats=20, warmup=3)
+    harness.add_name_argument(parser, "step_time")
+    harness.add_common_arguments(parser, repeats=20, warmup=3)
     args = parser.parse_args(argv)
-    device = _common.setup(parser, args)
+    device = harness.setup(parser, args)
     if args.matrix and args.setting:
         parser.error("--matrix and --setting: give one of them")
     if args.matrix:

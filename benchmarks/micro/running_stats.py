@@ -2,7 +2,7 @@
 
 Rerun the reported measurement from the repository root with:
 
-    .venv/bin/python benchmarks/running_stats.py --repeats 200 --threads 2
+    .venv/bin/python -m benchmarks.micro.running_stats --repeats 200 --threads 2
 
 What is timed: entering and leaving the second pass's context manager around an empty block,
 after a forward pass at w has written the model's statistics (untimed), as in every SAM step:
@@ -14,7 +14,7 @@ after a forward pass at w has written the model's statistics (untimed), as in ev
 
 Before each timed block the statistics are written in place (one ``_foreach_mul_`` by 1, as
 the forward pass at w does every step; timed alone as "statistics written"), so that the context
-manager copies what it must. Models: ``cnn13`` (``benchmarks/sam_step.py``: 12 convolutions
+manager copies what it must. Models: ``cnn13`` (``benchmarks.baselines``: 12 convolutions
 with BatchNorm, where nothing is copied), and the same network with
 ``InstanceNorm2d(track_running_stats=True)`` in place of BatchNorm (each of its 12 layers has 3
 buffers, copied and put back on every step). The forward pass of cnn13 on a batch of 64 images of
@@ -26,29 +26,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-import _common
 import torch
-from sam_step import cnn13
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from aace import frozen_running_stats
-
-
-@contextmanager
-def batchnorm_flag_only(model: nn.Module) -> Iterator[None]:
-    """The former ``frozen_batchnorm_stats``: BatchNorm's flag off, other buffers left alone."""
-    layers = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    for layer in layers:
-        layer.track_running_stats = False
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.track_running_stats = True
+from benchmarks import harness
+from benchmarks.baselines import batchnorm_flag_only, cnn13
 
 
 def instance_norm_cnn13() -> nn.Module:
@@ -63,10 +47,10 @@ def instance_norm_cnn13() -> nn.Module:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_name_argument(parser, "running_stats")
-    _common.add_common_arguments(parser, repeats=200, warmup=10)
+    harness.add_name_argument(parser, "running_stats")
+    harness.add_common_arguments(parser, repeats=200, warmup=10)
     args = parser.parse_args(argv)
-    device = _common.setup(parser, args)
+    device = harness.setup(parser, args)
     x = torch.randn(64, 3, 16, 16, device=device)
     models = {"cnn13 (BatchNorm)": cnn13(), "cnn13 (InstanceNorm)": instance_norm_cnn13()}
     rows = []
@@ -97,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         if model_name.startswith("cnn13 (BatchNorm)"):
             with torch.no_grad():
                 calls["forward pass (for scale)"] = lambda model=model: model(x)
-        samples = _common.time_interleaved(calls, args.repeats, args.warmup)
+        samples = harness.time_interleaved(calls, args.repeats, args.warmup)
         for name, values in samples.items():
             rows.append(
                 {
@@ -109,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                     "buffers": sum(1 for _ in model.buffers()),
                 }
             )
-    table = _common.markdown_table(
+    table = harness.markdown_table(
         ["model", "variant", "buffers", "median µs", "min µs"],
         [
             [r["model"], r["variant"], r["buffers"], f"{r['median_us']:.1f}", f"{r['min_us']:.1f}"]
@@ -121,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} threads. With InstanceNorm the former context manager does "
         "less work because it does not keep the statistics at all (the bug it had)."
     )
-    text = _common.write_results(
+    text = harness.write_results(
         args.name, rows, table, args.out_dir, device=device,
         config=dict(repeats=args.repeats, warmup=args.warmup, threads=torch.get_num_threads()),
         notes=notes,

@@ -2,8 +2,8 @@
 
 Rerun the reported measurement from the repository root with:
 
-    .venv/bin/python benchmarks/memory.py --device cuda        # peak memory (the goal)
-    .venv/bin/python benchmarks/memory.py                      # CPU: see below
+    .venv/bin/python -m benchmarks.micro.memory --device cuda  # peak memory (the goal)
+    .venv/bin/python -m benchmarks.micro.memory                # CPU: see below
 
 Goal: a SAM step needs at most 1.0x the parameter bytes more than an SGD step (the saved
 weights w; the perturbation e reuses the gradient buffers when ``first_step(zero_grad=True)``).
@@ -42,77 +42,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import _common
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from aace import SAM, aace_loss, frozen_running_stats
 from aace.models import create_model
+from benchmarks import harness
+from benchmarks.baselines import (
+    CIFAR_SGD_KWARGS,
+    cuda_peak_bytes,
+    make_optimizer,
+    optimizer_state_bytes,
+    variant_step,
+)
 
 NUM_CLASSES = 10
-SGD_KWARGS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 VARIANTS = ("SGD", "SAM", "SAM+AACE")
-
-
-def tensor_bytes(value: Any) -> int:
-    """Bytes of all tensors in a (nested) dict/list/tuple of optimizer state."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(tensor_bytes(v) for v in value)
-    return 0
-
-
-def persistent_bytes(opt: torch.optim.Optimizer) -> int:
-    state_bytes = tensor_bytes(list(opt.state.values()))
-    if isinstance(opt, SAM):
-        state_bytes += tensor_bytes(list(opt.base_optimizer.state.values()))
-    return state_bytes
 
 
 def build(
     variant: str, base: nn.Module, x: torch.Tensor, y: torch.Tensor
 ) -> tuple[torch.optim.Optimizer, Callable[[], None]]:
+    """``variant``'s optimizer and step on its own copy of ``base``."""
     model = copy.deepcopy(base)
-    if variant == "SGD":
-        sgd = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
-
-        def sgd_step() -> None:
-            F.cross_entropy(model(x), y).backward()
-            sgd.step()
-            sgd.zero_grad(set_to_none=True)
-
-        return sgd, sgd_step
-
-    aace = variant == "SAM+AACE"
-    sam = SAM(
-        model.parameters(),
-        torch.optim.SGD,
-        rho=0.2 if aace else 0.05,
-        perturbation="aace" if aace else "sam",
-        **SGD_KWARGS,
-    )
-    first_loss = aace_loss if aace else F.cross_entropy
-
-    def sam_step() -> None:
-        first_loss(model(x), y).backward()
-        sam.first_step(zero_grad=True)
-        with frozen_running_stats(model):
-            F.cross_entropy(model(x), y).backward()
-        sam.second_step(zero_grad=True)
-
-    return sam, sam_step
-
-
-def cuda_peak(step: Callable[[], None], device: torch.device) -> int:
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
+    opt = make_optimizer(variant, model)
+    return opt, variant_step(variant, model, opt, x, y)
 
 
 def cpu_timeline_peak(step: Callable[[], None]) -> int:
@@ -133,16 +86,16 @@ def cpu_timeline_peak(step: Callable[[], None]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    _common.add_model_arguments(parser)
+    harness.add_model_arguments(parser)
     parser.add_argument(
         "--cpu-peak",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="on the CPU, also measure the peak with the profiler's memory timeline (slow)",
     )
-    _common.add_common_arguments(parser, repeats=None, warmup=None)
+    harness.add_common_arguments(parser, repeats=None, warmup=None)
     args = parser.parse_args(argv)
-    device = _common.setup(parser, args)
+    device = harness.setup(parser, args)
     models = args.model or ["wrn16_4"]
     if device.type == "cuda":
         peak_method = "torch.cuda.max_memory_allocated"
@@ -163,9 +116,12 @@ def main(argv: list[str] | None = None) -> None:
         for variant in VARIANTS:
             opt, step = build(variant, base, x, y)
             step()  # creates the momentum buffers and SAM's saved weights
-            result: dict[str, Any] = {"persistent_bytes": persistent_bytes(opt), "peak_bytes": None}
+            result: dict[str, Any] = {
+                "persistent_bytes": optimizer_state_bytes(opt),
+                "peak_bytes": None,
+            }
             if peak_method == "torch.cuda.max_memory_allocated":
-                result["peak_bytes"] = cuda_peak(step, device)
+                result["peak_bytes"] = cuda_peak_bytes(step, device)[1]
             elif peak_method is not None:
                 try:
                     result["peak_bytes"] = cpu_timeline_peak(step)
@@ -220,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             "allocator overhead; see the script's docstring."
         )
     notes += [f"Peak measurement failed: {error}" for error in errors]
-    table = _common.markdown_table(
+    table = harness.markdown_table(
         [
             "model",
             "variant",
@@ -237,10 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size": args.batch_size,
         "device": str(device),
         "threads": args.threads,
-        "sgd": SGD_KWARGS,
+        "sgd": CIFAR_SGD_KWARGS,
         "peak_method": peak_method,
     }
-    text = _common.write_results(
+    text = harness.write_results(
         "memory",
         rows,
         f"Batch {args.batch_size}, one measured step after one untimed step.\n\n{table}",

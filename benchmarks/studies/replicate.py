@@ -5,9 +5,9 @@ its own process, written to ``--runs-dir``; finished runs are kept and interrupt
 The tables and plots are made only from the run directories, as ``aace compare`` and ``aace
 plot`` make them.
 
-    python benchmarks/replicate.py --dataset npz:../shared/data/cifar10_5k.npz --model wrn10_1 \\
-        --epochs 10 --seeds 3
-    python benchmarks/replicate.py --dataset digits --model wrn16_1 --epochs 10 --seeds 3
+    python -m benchmarks.studies.replicate --dataset npz:../shared/data/cifar10_5k.npz \\
+        --model wrn10_1 --epochs 10 --seeds 3
+    python -m benchmarks.studies.replicate --dataset digits --model wrn16_1 --epochs 10 --seeds 3
 
 Writes ``benchmarks/results/replicate-<dataset>.{json,md,png}``.
 
@@ -20,17 +20,17 @@ norm and the cosine between consecutive perturbations in the first and last thir
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-from _common import DEFAULT_OUT_DIR, markdown_table, write_results
 
 from aace.data import DatasetError
-from aace.report import compare_table, plot_runs, read_run
+from aace.report import compare_table, plot_runs
 from aace.training import sweep
 from aace.training.config import ConfigError
+from benchmarks.harness import DEFAULT_OUT_DIR, write_results
+from benchmarks.studies.common import mechanism_table
 
 
 def _slug(dataset: str) -> str:
@@ -49,52 +49,6 @@ def run_all(args: argparse.Namespace) -> list[Path]:
     if failed:
         raise RuntimeError(f"runs failed: {', '.join(failed)} (see their train.log)")
     return [run.out for run in runs]
-
-
-def mechanism_table(paths: list[Path]) -> tuple[str, list[dict]]:
-    """Mean over seeds of grad_norm and perturbation_cosine in the first and last thirds."""
-    groups: dict[str, list] = {}
-    for path in paths:
-        run = read_run(path)
-        if run.config["optimizer"] == "sgd":
-            continue
-        groups.setdefault(run.label, []).append(run)
-    rows = []
-    for label, runs in groups.items():
-        values: dict[str, list[float]] = {}
-        for run in runs:
-            n = len(run.rows)
-            third = max(1, n // 3)
-            for part, chosen in (("first", run.rows[:third]), ("last", run.rows[-third:])):
-                for key in ("grad_norm", "perturbation_cosine"):
-                    values.setdefault(f"{key}_{part}", []).append(
-                        statistics.fmean(r[key] for r in chosen if r[key] is not None)
-                    )
-        row = {"optimizer": label, "n": len(runs)}
-        row.update({k: statistics.fmean(v) for k, v in values.items()})
-        rows.append(row)
-    table = markdown_table(
-        [
-            "optimizer",
-            "n",
-            "grad norm, first third",
-            "grad norm, last third",
-            "cosine, first third",
-            "cosine, last third",
-        ],
-        [
-            [
-                r["optimizer"],
-                r["n"],
-                f"{r['grad_norm_first']:.3g}",
-                f"{r['grad_norm_last']:.3g}",
-                f"{r['perturbation_cosine_first']:.3f}",
-                f"{r['perturbation_cosine_last']:.3f}",
-            ]
-            for r in rows
-        ],
-    )
-    return table, rows
 
 
 def main() -> int:

@@ -5,10 +5,10 @@ al. 2021, Table 6; Baek et al., ICLR 2024): it appears once SGD starts fitting t
 its accuracy on the noisy training labels passing the share of clean ones and its test accuracy
 falling from its peak. The reported studies (rerun them with these commands; resumable):
 
-    python benchmarks/label_noise.py --dataset digits --model wrn16_1 --epochs 100 \\
+    python -m benchmarks.studies.label_noise --dataset digits --model wrn16_1 --epochs 100 \\
         --batch-size 64 --lr 0.05 --optimizers sgd,sam:0.05,sam-aace:0.2 --name label_noise-digits
 
-    python benchmarks/label_noise.py --dataset cifar10_2k --model wrn10_1 --epochs 30 \\
+    python -m benchmarks.studies.label_noise --dataset cifar10_2k --model wrn10_1 --epochs 30 \\
         --batch-size 64 --lr 0.05 --no-augment --compile --optimizers sgd,sam:0.05,sam-aace:0.2 \\
         --no-sharpness --name label_noise-cifar10_2k
 
@@ -39,36 +39,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import DEFAULT_OUT_DIR, markdown_table, write_results
-from replicate import mechanism_table
-from sharpness_of_runs import measure
 
 from aace.report import compare_table, confidence_interval, read_run, run_label, welch_test
 from aace.training import sweep
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared" / "data" / "cifar10_5k.npz"
-SUBSETS = {"cifar10_2k": 200}  # images per class taken from the shared CIFAR-10 subset
-
-
-def dataset_spec(name: str) -> str:
-    """``cifar10_2k`` -> an npz spec of the balanced subset (written once); others unchanged."""
-    if name not in SUBSETS:
-        return name
-    path = REPO / "benchmarks" / "out" / "data" / f"{name}.npz"
-    if not path.is_file():
-        if not SHARED.is_file():
-            raise SystemExit(f"label_noise.py: --dataset {name} needs {SHARED}")
-        data = np.load(SHARED)
-        y = data["y_train"]
-        per_class = SUBSETS[name]
-        index = np.sort(np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(
-            path, x_train=data["x_train"][index], y_train=y[index], x_test=data["x_test"],
-            y_test=data["y_test"], classes=data["classes"],
-        )  # fmt: skip
-    return f"npz:{path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}"
+from benchmarks.harness import DEFAULT_OUT_DIR, markdown_table, write_results
+from benchmarks.studies.common import dataset_spec, measure_sharpness, mechanism_table
 
 
 def plan(args: argparse.Namespace) -> list[sweep.SweepRun]:
@@ -282,7 +257,7 @@ def main() -> int:
         if not args.no_sharpness:
             for run in runs:
                 if run.finished:
-                    measure(run.out, shlex.split(args.sharpness))
+                    measure_sharpness(run.out, shlex.split(args.sharpness))
     print(report(args, runs))
     return 0
 

@@ -1,8 +1,11 @@
-"""Shared helpers of the benchmark scripts: arguments, interleaved timing, summaries, results.
+"""The benchmarks' one clock and their result files: arguments, interleaved timing, summaries.
 
-Not a benchmark itself. Every script writes ``<out-dir>/<name>.json`` (machine, command line,
-configuration, raw samples and summaries) and ``<out-dir>/<name>.md`` (the same as tables), so
-reported numbers are always made from files, never typed by hand.
+Not a benchmark itself; every script in :mod:`benchmarks.micro` and :mod:`benchmarks.studies`
+imports it. Every published time is read by :class:`Laps` (through :func:`time_interleaved`,
+:func:`time_phases` or :func:`timed`); only ``micro.pipeline``'s CUDA events read the device's
+own clock. Every script writes ``<out-dir>/<name>.json`` (machine, command line, configuration,
+raw samples and summaries) and ``<out-dir>/<name>.md`` (the same as tables), so reported numbers
+are always made from files, never typed by hand.
 """
 
 from __future__ import annotations
@@ -16,16 +19,20 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 import aace
 
+# The repository root, from which every script runs (``python -m benchmarks.<kind>.<name>``).
+REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
+T = TypeVar("T")
 
 
 # -- arguments ------------------------------------------------------------------------------
@@ -124,39 +131,104 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 # -- timing ---------------------------------------------------------------------------------
 
 
+def _nothing() -> None:
+    pass
+
+
+class Laps:
+    """The clock: seconds between :meth:`start` and each :meth:`lap`, per phase name.
+
+    The clock is read after ``synchronize()``, so queued device work is counted. A variant of
+    :func:`time_phases` calls ``start()`` before its first timed phase and ``lap(name)`` after
+    each; work between a ``lap`` and the next ``start`` (setting gradients, say) is not timed.
+    """
+
+    def __init__(self, synchronize: Callable[[], None] = _nothing) -> None:
+        self.synchronize = synchronize
+        self.seconds: dict[str, list[float]] = {}
+        self._last = 0.0
+
+    def start(self) -> None:
+        self.synchronize()
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Record the seconds since ``start()`` or the previous ``lap`` under ``phase``."""
+        self.synchronize()
+        now = time.perf_counter()
+        self.seconds.setdefault(phase, []).append(now - self._last)
+        self._last = now
+
+
+@contextmanager
+def _garbage_collector_off() -> Iterator[None]:
+    """As in ``timeit``: no collection pauses inside a timed call."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def time_phases(
+    variants: Mapping[str, Callable[[Laps], object]],
+    repeats: int,
+    warmup: int,
+    synchronize: Callable[[], None] = _nothing,
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each phase of each variant, per lap, measured round-robin.
+
+    Each repetition calls every variant once with its own :class:`Laps`, so a change of machine
+    load during the run hits all variants alike; the starting variant rotates from one
+    repetition to the next, so no variant always runs right after the same other one.
+    ``warmup`` untimed rounds come first. Python's garbage collector is off during each call.
+    A variant may lap a phase several times per call (one lap per model it steps, say).
+    """
+    names = list(variants)
+    laps = {name: Laps(synchronize) for name in names}
+    for round_index in range(warmup + repeats):
+        if round_index == warmup:  # the warm-up rounds' laps are not samples
+            for clock in laps.values():
+                clock.seconds.clear()
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            with _garbage_collector_off():
+                variants[name](laps[name])
+    return {name: clock.seconds for name, clock in laps.items()}
+
+
 def time_interleaved(
     variants: Mapping[str, Callable[[], object]],
     repeats: int,
     warmup: int,
-    synchronize: Callable[[], None] = lambda: None,
+    synchronize: Callable[[], None] = _nothing,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each variant, measured round-robin.
+    """Seconds per call of each variant, measured round-robin (:func:`time_phases` with one
+    phase, the whole call)."""
 
-    Each repetition calls every variant once, so a change of machine load during the run hits
-    all variants alike; the starting variant rotates from one repetition to the next, so no
-    variant always runs right after the same other one. ``warmup`` untimed rounds come first.
-    The clock is read after ``synchronize()``, so queued device work is counted. As in
-    ``timeit``, Python's garbage collector is off while a call is timed.
-    """
-    names = list(variants)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(warmup + repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            synchronize()
-            gc_was_enabled = gc.isenabled()
-            gc.disable()
-            try:
-                start = time.perf_counter()
-                variants[name]()
-                synchronize()
-                elapsed = time.perf_counter() - start
-            finally:
-                if gc_was_enabled:
-                    gc.enable()
-            if round_index >= warmup:
-                samples[name].append(elapsed)
-    return samples
+    def whole(call: Callable[[], object]) -> Callable[[Laps], None]:
+        def run(laps: Laps) -> None:
+            laps.start()
+            call()
+            laps.lap("call")
+
+        return run
+
+    samples = time_phases({n: whole(c) for n, c in variants.items()}, repeats, warmup, synchronize)
+    return {name: phases.get("call", []) for name, phases in samples.items()}
+
+
+def timed(call: Callable[[], T], synchronize: Callable[[], None] = _nothing) -> tuple[T, float]:
+    """``(call(), seconds)`` of one call, read by :class:`Laps` with the collector off: for a
+    quantity measured once (a first call that compiles, a whole training process)."""
+    laps = Laps(synchronize)
+    with _garbage_collector_off():
+        laps.start()
+        result = call()
+        laps.lap("call")
+    return result, laps.seconds["call"][0]
 
 
 def summarize(samples: Sequence[float]) -> dict[str, float | int]:
@@ -175,6 +247,25 @@ def summarize(samples: Sequence[float]) -> dict[str, float | int]:
         "max": values[-1],
         "mean": statistics.fmean(values),
     }
+
+
+def over_runs(values: Sequence[float]) -> dict[str, float | int]:
+    """Median, min, max and number of a figure measured once per run (``--runs`` runs, each its
+    own interleaved measurement)."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n_runs": len(values),
+    }
+
+
+def over_runs_text(name: str, summary: Mapping[str, float | int]) -> str:
+    """``"NAME: median 0.981 over 5 runs (range 0.970-0.990)"`` of :func:`over_runs`."""
+    return (
+        f"{name}: median {summary['median']:.3f} over {summary['n_runs']} runs "
+        f"(range {summary['min']:.3f}-{summary['max']:.3f})"
+    )
 
 
 def paired_ratio(
@@ -199,15 +290,31 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def _program() -> list[str]:
+    """``["-m", "benchmarks.micro.step_time"]`` for a script run as a module (as they are
+    meant to be), else its path as given."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]
+
+
 def command_line() -> str:
     """The command that ran this script, runnable from the repository root."""
-    return shlex.join([Path(sys.executable).name, *sys.argv])
+    return shlex.join([Path(sys.executable).name, *_program(), *sys.argv[1:]])
+
+
+def _argv() -> list[str]:
+    """``sys.argv`` with the script's path relative to the working directory (the repository
+    root), so the results name no machine's folders."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is not None and script.is_absolute() and script.is_relative_to(Path.cwd()):
+        return [str(script.relative_to(Path.cwd())), *sys.argv[1:]]
+    return list(sys.argv)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "argv": list(sys.argv),
+        "argv": _argv(),
         "command": command_line(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -27,10 +27,10 @@ Runs go to ``runs/verdict/<setting>/split<v>/<rule>``; every command resumes. Th
 made from those folders alone (``tune.json`` and the runs' ``metrics.jsonl``) into
 ``benchmarks/results/verdict-<setting>.{json,md}``:
 
-    python benchmarks/verdict.py --setting digits-noise40 --plan     # the epochs it will train
-    python benchmarks/verdict.py --setting digits-noise40 --workers 2
-    python benchmarks/verdict.py --setting digits-noise40 --report-only
-    python benchmarks/verdict.py --setting digits-noise40 --smoke    # the pipeline, tiny budget
+    python -m benchmarks.studies.verdict --setting digits-noise40 --plan   # the epochs it trains
+    python -m benchmarks.studies.verdict --setting digits-noise40 --workers 2
+    python -m benchmarks.studies.verdict --setting digits-noise40 --report-only
+    python -m benchmarks.studies.verdict --setting digits-noise40 --smoke  # tiny budget, /tmp
 """
 
 from __future__ import annotations
@@ -46,20 +46,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import DEFAULT_OUT_DIR, markdown_table, write_results
-from label_noise import dataset_spec
 
 from aace import stats
 from aace.runs import RunDirectory, atomic_write_json, selected_row
+from aace.training.tune.report import REPORT_JSON
+from benchmarks.harness import DEFAULT_OUT_DIR, markdown_table, write_results
+from benchmarks.studies.common import CIFAR5K, dataset_spec
 
-CIFAR5K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_5k.npz"
 SETTINGS: dict[str, dict[str, Any]] = {
     "digits-noise40": dict(dataset="digits", model="wrn16_1", epochs=30, label_noise=0.4,
                            extra=["--augment"]),
-    "cifar2k-clean": dict(dataset=dataset_spec("cifar10_2k"), model="wrn10_1", epochs=30,
-                          label_noise=0.0, extra=["--no-augment"]),
-    "cifar2k-noise40": dict(dataset=dataset_spec("cifar10_2k"), model="wrn10_1", epochs=30,
-                            label_noise=0.4, extra=["--no-augment"]),
+    "cifar2k-clean": dict(dataset="cifar10_2k", model="wrn10_1", epochs=30, label_noise=0.0,
+                          extra=["--no-augment"]),
+    "cifar2k-noise40": dict(dataset="cifar10_2k", model="wrn10_1", epochs=30, label_noise=0.4,
+                            extra=["--no-augment"]),
     # The paper's recipe (crop, flip, cutout) on the whole 5,085-image subset.
     "cifar5k-clean": dict(dataset=f"npz:{CIFAR5K}", model="wrn16_1", epochs=40, label_noise=0.0,
                           extra=["--augment", "--cutout", "16"]),
@@ -79,8 +79,9 @@ SGD_DOUBLE = "sgd-x2"  # SGD at twice the epochs
 
 def train_args(setting: str, epochs: int) -> list[str]:
     recipe = SETTINGS[setting]
+    dataset = dataset_spec(recipe["dataset"])  # cifar10_2k is written on first use
     args = [
-        "--dataset", recipe["dataset"], "--model", recipe["model"], "--epochs", str(epochs),
+        "--dataset", dataset, "--model", recipe["model"], "--epochs", str(epochs),
         "--batch-size", str(BATCH_SIZE), "--schedule", "cosine", "--device", "cpu",
         "--lr", str(LR), *recipe["extra"],
     ]  # fmt: skip
@@ -134,15 +135,17 @@ def run(args: argparse.Namespace) -> None:
                 continue
             command = tune_command(args, split, rule)
             print(f"[verdict {args.setting} split {split}] {shlex.join(command)}", flush=True)
+            # Bookkeeping of a study's sittings (its wall clock in hours), not a timing.
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "aace", *command[1:]], check=True)
             with open(rule_dir(args, split, rule) / SESSIONS, "a") as file:
                 file.write(json.dumps({"seconds": time.perf_counter() - started,
                                        "command": shlex.join(command)}) + "\n")  # fmt: skip
             entry = collect(args, split, rule)
-            assert entry is not None, (
-                f"aace tune left no tune.json in {rule_dir(args, split, rule)}"
-            )
+            if entry is None:
+                raise SystemExit(
+                    f"aace tune left no {REPORT_JSON} in {rule_dir(args, split, rule)}"
+                )
             part.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(part, entry)
 
@@ -162,7 +165,7 @@ def collect(args: argparse.Namespace, split: int, rule: str) -> dict[str, Any] |
     """One rule's study on one split, from its ``tune.json`` and runs: the choice, its
     uncertainty, the paired final tests, the mechanism columns, the grid (for sensitivity) and
     the compute. None before the study has a ``tune.json``."""
-    path = rule_dir(args, split, rule) / "tune.json"
+    path = rule_dir(args, split, rule) / REPORT_JSON
     if not path.is_file():
         return None
     optimizer = "sgd" if rule == SGD_DOUBLE else rule

@@ -2,16 +2,17 @@
 
 Rerun the reported measurement from the repository root with:
 
-    .venv/bin/python benchmarks/loss_cost.py
+    .venv/bin/python -m benchmarks.micro.loss_cost
 
 For each number of classes C (10, 100, 1000 by default) both losses get the same random
 float32 logits of shape (N, C) (N = 256 by default) and random targets. One call is the loss
 (mean reduction) plus ``torch.autograd.grad`` of it with respect to the logits. Each timed
 sample runs ``--inner`` calls and is divided by that number, since a single call takes only
-microseconds. The two losses are timed interleaved (see ``_common.time_interleaved``); the
-table gives medians and the ratio AACE / CE of the medians (and the median of per-repetition
-ratios). ``aace_loss`` is used with its defaults (mode "ada", threshold 0), which includes its
-input check (on the CPU, reading the target's min and max).
+microseconds. The two losses are timed interleaved (see
+``benchmarks.harness.time_interleaved``); the table gives medians and the ratio AACE / CE of the
+medians (and the median of per-repetition ratios). ``aace_loss`` is used with its defaults (mode
+"ada", threshold 0), which includes its input check (on the CPU, reading the target's min and
+max).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-import _common
 import torch
 import torch.nn.functional as F
 
 from aace import aace_loss
+from benchmarks import harness
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "cross_entropy": F.cross_entropy,
@@ -49,24 +50,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--classes",
-        type=_common.positive_int,
+        type=harness.positive_int,
         nargs="+",
         default=[10, 100, 1000],
         help="numbers of classes C (default: 10 100 1000)",
     )
     parser.add_argument(
-        "--num-samples", "-n", type=_common.positive_int, default=256, help="rows N of the logits"
+        "--num-samples", "-n", type=harness.positive_int, default=256, help="rows N of the logits"
     )
     parser.add_argument(
         "--inner",
-        type=_common.positive_int,
+        type=harness.positive_int,
         default=50,
         help="forward-backward calls per timed sample (default: %(default)s)",
     )
-    _common.add_common_arguments(parser, repeats=20, warmup=3)
+    harness.add_common_arguments(parser, repeats=20, warmup=3)
     args = parser.parse_args(argv)
-    device = _common.setup(parser, args)
-    synchronize = _common.synchronizer(device)
+    device = harness.setup(parser, args)
+    synchronize = harness.synchronizer(device)
 
     rows: list[dict[str, Any]] = []
     table_rows = []
@@ -77,12 +78,12 @@ def main(argv: list[str] | None = None) -> None:
             name: _forward_backward(loss_fn, logits, target, args.inner)
             for name, loss_fn in LOSSES.items()
         }
-        samples = _common.time_interleaved(variants, args.repeats, args.warmup, synchronize)
+        samples = harness.time_interleaved(variants, args.repeats, args.warmup, synchronize)
         per_call = {name: [s / args.inner for s in samples[name]] for name in LOSSES}
-        summaries = {name: _common.summarize(per_call[name]) for name in LOSSES}
+        summaries = {name: harness.summarize(per_call[name]) for name in LOSSES}
         ce, aace = summaries["cross_entropy"], summaries["aace_loss"]
         ratio = aace["median"] / ce["median"]
-        paired = _common.paired_ratio(per_call["aace_loss"], per_call["cross_entropy"])
+        paired = harness.paired_ratio(per_call["aace_loss"], per_call["cross_entropy"])
         rows.append(
             {
                 "num_classes": num_classes,
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
             f"N = {args.num_samples} float32 logits, {args.repeats} timed samples of "
             f"{args.inner} calls each after {args.warmup} warm-up rounds. Microseconds per "
             "forward + backward call.",
-            _common.markdown_table(
+            harness.markdown_table(
                 [
                     "C",
                     "cross_entropy median us",
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "dtype": "float32",
     }
-    text = _common.write_results(
+    text = harness.write_results(
         "loss_cost", rows, table, args.out_dir, device=device, config=config, notes=notes
     )
     print(text)

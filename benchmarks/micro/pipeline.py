@@ -2,7 +2,7 @@
 
 Rerun the reported measurement from the repository root with:
 
-    .venv/bin/python benchmarks/pipeline.py
+    .venv/bin/python -m benchmarks.micro.pipeline
 
 (``--dataset npz:PATH`` for other data, ``--workers N`` repeatable for the DataLoader worker
 counts, ``--repeats``/``--warmup`` epochs, ``--train-steps`` for the data-wait loop.)
@@ -24,9 +24,9 @@ same training augmentation, normalising with the dataset's own mean/std, batch 1
 
 Epoch timing: one epoch = iterating every batch of the loader (``set_epoch(e)`` first for
 ``BatchLoader``). ``--warmup`` untimed epochs, then ``--repeats`` timed epochs per variant,
-interleaved round-robin with a rotating start (``_common.time_interleaved``). The speedup is
-BatchLoader images/s over each DataLoader's, given as the ratio of medians and the median of
-per-round (paired) ratios.
+interleaved round-robin with a rotating start (``benchmarks.harness.time_interleaved``). The
+speedup is BatchLoader images/s over each DataLoader's, given as the ratio of medians and the
+median of per-round (paired) ratios.
 
 Data-wait share: a short SGD training loop (``wrn10_1``, 10 classes, lr 0.1, momentum 0.9,
 weight decay 5e-4, every pipeline starting from the same initial weights) fed by each pipeline;
@@ -69,11 +69,9 @@ import copy
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,13 +83,14 @@ from torch.utils.data import DataLoader, Dataset
 from aace.data import BatchLoader, DatasetError, load_dataset
 from aace.models import create_model
 from aace.training.step import autocast
+from benchmarks import harness
+from benchmarks.baselines import CIFAR_SGD_KWARGS
 
 DEFAULT_DATASET = "npz:../shared/data/cifar10_5k.npz"
 BATCH_SIZE = 128
 CROP_PADDING = 4
 CUTOUT = 16
 MODEL = "wrn10_1"
-SGD_KWARGS = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
 class Cutout:
@@ -201,12 +200,13 @@ class Pipeline:
 
     def cold_first_batch(self) -> float:
         """Seconds from creating the first epoch's iterator to its first batch (then drained)."""
-        synchronize = _common.synchronizer(self.device)
-        start = time.perf_counter()
-        iterator = iter(self._epoch_iter())
-        next(iterator)
-        synchronize()
-        elapsed = time.perf_counter() - start
+
+        def first_batch() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            iterator = iter(self._epoch_iter())
+            next(iterator)
+            return iterator
+
+        iterator, elapsed = harness.timed(first_batch, harness.synchronizer(self.device))
         for _ in iterator:
             pass
         return elapsed
@@ -231,9 +231,9 @@ def measure_data_wait(
     """
     device = pipeline.device
     model = copy.deepcopy(base).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), **SGD_KWARGS)
+    opt = torch.optim.SGD(model.parameters(), **CIFAR_SGD_KWARGS)
     stream = pipeline.stream()
-    synchronize = _common.synchronizer(device)
+    synchronize = harness.synchronizer(device)
 
     def train_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
@@ -243,22 +243,19 @@ def measure_data_wait(
         opt.zero_grad(set_to_none=True)
         return loss
 
-    fetch_s: list[float] = []
-    step_s: list[float] = []
-    batch_size = 0
-    for index in range(warmup + steps):
-        synchronize()
-        start = time.perf_counter()
+    last: dict[str, Any] = {}
+
+    def one_step(laps: harness.Laps) -> None:
+        laps.start()
         x, y = next(stream)
-        synchronize()
-        fetched = time.perf_counter()
-        loss = train_step(x, y)
-        synchronize()
-        end = time.perf_counter()
-        if index >= warmup:
-            fetch_s.append(fetched - start)
-            step_s.append(end - start)
-            batch_size = int(y.shape[0])
+        laps.lap("fetch")
+        last["loss"], last["batch_size"] = train_step(x, y), int(y.shape[0])
+        laps.lap("train")
+
+    phases = harness.time_phases({"step": one_step}, steps, warmup, synchronize)["step"]
+    fetch_s = phases["fetch"]
+    step_s = [fetch + train for fetch, train in zip(fetch_s, phases["train"])]
+    loss, batch_size = last["loss"], last["batch_size"]
     result: dict[str, Any] = {
         "fetch_s": fetch_s,
         "step_s": step_s,
@@ -289,20 +286,21 @@ def event_shares(
     """Device-stream milliseconds of each fetch and step, from events (``event()`` makes one
     with ``record()`` and ``elapsed_time(other)``) and no host synchronisation in the loop."""
     marks: list[tuple[Any, Any, Any]] = []
-    host_fetch_s: list[float] = []
-    for index in range(warmup + steps):
+
+    def one_step(laps: harness.Laps) -> None:
         begin, fetched, end = event(), event(), event()
-        start = time.perf_counter()
+        laps.start()  # the host's time to queue the fetch, not synchronized
         begin.record()
         x, y = next(stream)
         fetched.record()
-        host_fetch = time.perf_counter() - start
+        laps.lap("host fetch")
         train_step(x, y)
         end.record()
-        if index >= warmup:
-            marks.append((begin, fetched, end))
-            host_fetch_s.append(host_fetch)
-    end.synchronize()  # the last event: every earlier one has completed too
+        marks.append((begin, fetched, end))
+
+    host_fetch_s = harness.time_phases({"step": one_step}, steps, warmup)["step"]["host fetch"]
+    marks = marks[warmup:]
+    marks[-1][2].synchronize()  # the last event: every earlier one has completed too
     fetch_ms = [begin.elapsed_time(fetched) for begin, fetched, _ in marks]
     step_ms = [begin.elapsed_time(end) for begin, _, end in marks]
     return {
@@ -329,7 +327,7 @@ def end_to_end_share(
         for _ in range(steps):
             train_step(*source())
 
-    samples = _common.time_interleaved(
+    samples = harness.time_interleaved(
         {
             "pipeline": lambda: loop(lambda: next(stream)),
             "fixed batch": lambda: loop(lambda: fixed),
@@ -344,7 +342,7 @@ def end_to_end_share(
         "pipeline_s": pipeline_s,
         "fixed_batch_s": fixed_s,
         "wait_share": 1 - statistics.median(fixed_s) / statistics.median(pipeline_s),
-        "median_paired_wait_share": 1 - _common.paired_ratio(fixed_s, pipeline_s),
+        "median_paired_wait_share": 1 - harness.paired_ratio(fixed_s, pipeline_s),
         "train_images_per_s": batch_size * steps / statistics.median(pipeline_s),
     }
 
@@ -358,20 +356,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=_common.non_negative_int,
+        type=harness.non_negative_int,
         action="append",
         default=None,
         help="DataLoader num_workers; repeat for several (default: 0 and 2)",
     )
     parser.add_argument(
         "--train-steps",
-        type=_common.positive_int,
+        type=harness.positive_int,
         default=20,
         help="timed training steps per pipeline for the data-wait share (default: %(default)s)",
     )
     parser.add_argument(
         "--train-warmup",
-        type=_common.non_negative_int,
+        type=harness.non_negative_int,
         default=3,
         help="untimed training steps before those (default: %(default)s)",
     )
@@ -383,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--batch-size",
-        type=_common.positive_int,
+        type=harness.positive_int,
         default=BATCH_SIZE,
         help="batch of every pipeline (default: %(default)s)",
     )
@@ -394,10 +392,10 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="autocast of the data-wait training loop (default: off); repeat for several",
     )
-    _common.add_name_argument(parser, "pipeline")
-    _common.add_common_arguments(parser, repeats=3, warmup=1)
+    harness.add_name_argument(parser, "pipeline")
+    harness.add_common_arguments(parser, repeats=3, warmup=1)
     args = parser.parse_args(argv)
-    device = _common.setup(parser, args)
+    device = harness.setup(parser, args)
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: expected a CPU or CUDA device")
     workers = args.workers if args.workers is not None else [0, 2]
@@ -450,11 +448,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # The very first batch of each pipeline: includes starting the workers when W > 0.
     cold = {name: pipelines[name].cold_first_batch() for name in names}
-    samples = _common.time_interleaved(
+    samples = harness.time_interleaved(
         {name: pipelines[name].run_epoch for name in names},
         args.repeats,
         args.warmup,
-        _common.synchronizer(device),
+        harness.synchronizer(device),
     )
     images = {name: pipelines[name].images_per_epoch for name in names}
     rates = {name: [images[name] / s for s in samples[name]] for name in names}
@@ -462,8 +460,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     epoch_rows = []
     for name in names:
-        r = _common.summarize(rates[name])
-        s = _common.summarize(samples[name])
+        r = harness.summarize(rates[name])
+        s = harness.summarize(samples[name])
         rows.append(
             {
                 "variant": name,
@@ -481,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{r['q1']:,.0f}-{r['q3']:,.0f}",
                 f"{r['min']:,.0f}-{r['max']:,.0f}",
                 f"{s['median']:.3f}",
-                _common.milliseconds(cold[name]),
+                harness.milliseconds(cold[name]),
                 r["n"],
             ]
         )
@@ -492,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names[1:]:
         of_medians = statistics.median(rates[base_name]) / statistics.median(rates[name])
         # Same images per epoch, so images/s ratio = epoch time of `name` / that of BatchLoader.
-        paired = _common.paired_ratio(
+        paired = harness.paired_ratio(
             [images[base_name] / s for s in samples[base_name]],
             [images[name] / s for s in samples[name]],
         )
@@ -517,8 +515,8 @@ def main(argv: list[str] | None = None) -> None:
             wait_rows.append(
                 [
                     name if len(amps) == 1 else f"{name}, amp {amp}",
-                    _common.milliseconds(statistics.median(result["fetch_s"])),
-                    _common.milliseconds(statistics.median(result["step_s"])),
+                    harness.milliseconds(statistics.median(result["fetch_s"])),
+                    harness.milliseconds(statistics.median(result["step_s"])),
                     f"{result['wait_share']:.1%}",
                     f"{result['train_images_per_s']:,.0f}",
                 ]
@@ -544,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         f"drop_last, {images[base_name]} images per epoch. Augmentation: crop padding "
         f"{CROP_PADDING}, horizontal flip, Cutout {CUTOUT} (p 0.5). {args.repeats} timed epochs "
         f"per variant after {args.warmup} warm-up epoch(s), interleaved.",
-        _common.markdown_table(
+        harness.markdown_table(
             [
                 "variant",
                 "median images/s",
@@ -557,11 +555,11 @@ def main(argv: list[str] | None = None) -> None:
             epoch_rows,
         ),
         "Speedup in images/s: ratio of medians, median of per-round paired ratios.",
-        _common.markdown_table(["ratio", "of medians", "paired"], speedup_rows),
+        harness.markdown_table(["ratio", "of medians", "paired"], speedup_rows),
         f"Data-wait share of a training step: `{args.model}`, SGD, {args.train_steps} timed "
         f"steps after {args.train_warmup} untimed; fetch = `next(iterator)`"
         + ("." if device.type == "cpu" else ", device synchronized before each clock reading."),
-        _common.markdown_table(
+        harness.markdown_table(
             ["pipeline", "median fetch ms", "median step ms", "wait share", "train images/s"],
             wait_rows,
         ),
@@ -571,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
             f"Data-wait share on the GPU, three ways (see notes): `{args.model}`, SGD, batch "
             f"{batch_size}, {args.train_steps} steps per measurement; end to end: ratio of "
             f"medians of {args.repeats} interleaved rounds (median of paired ratios).",
-            _common.markdown_table(
+            harness.markdown_table(
                 [
                     "pipeline",
                     "amp",
@@ -619,11 +617,11 @@ def main(argv: list[str] | None = None) -> None:
         "train_warmup": args.train_warmup,
         "model": args.model,
         "amp": amps[0] if len(amps) == 1 else amps,
-        "sgd": SGD_KWARGS,
+        "sgd": CIFAR_SGD_KWARGS,
         "threads": args.threads,
         "device": str(device),
     }
-    text = _common.write_results(
+    text = harness.write_results(
         args.name,
         rows,
         "\n\n".join(tables),

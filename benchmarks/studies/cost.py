@@ -2,10 +2,10 @@
 
 Rerun the reported measurements from the repository root with:
 
-    .venv/bin/python benchmarks/cost.py --dataset digits --model wrn16_1 --epochs 15 \\
+    .venv/bin/python -m benchmarks.studies.cost --dataset digits --model wrn16_1 --epochs 15 \\
         --batch-size 64 --lr 0.05 --seeds 3 --name cost-digits
 
-    .venv/bin/python benchmarks/cost.py --dataset npz:../shared/data/cifar10_5k.npz \\
+    .venv/bin/python -m benchmarks.studies.cost --dataset npz:../shared/data/cifar10_5k.npz \\
         --model wrn10_1 --epochs 10 --batch-size 128 --lr 0.1 --seeds 3 --name cost-cifar10_5k
 
 Every figure comes from real ``aace train`` runs (subprocesses, cosine LR schedule, rho 0.2 for
@@ -42,10 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common
 import torch
 
 from aace.runs import RunDirectory
+from benchmarks import harness
 
 CONFIGS: dict[str, list[str]] = {
     "sgd": ["--optimizer", "sgd"],
@@ -57,13 +57,16 @@ CONFIGS: dict[str, list[str]] = {
     "adaptive0": ["--optimizer", "sam-aace", "--sam-adaptive", "0"],
     "adaptive-1": ["--optimizer", "sam-aace", "--sam-adaptive", "-1"],
 }
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=harness.REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -82,9 +85,9 @@ def run_one(args: argparse.Namespace, config: str, seed: int, out: Path) -> dict
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    result, wall = harness.timed(
+        lambda: subprocess.run(command, env=env, capture_output=True, text=True)
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise SystemExit(f"{config} seed {seed} failed:\n{result.stderr}")
@@ -178,7 +181,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         "configuration", "n", "SAM-step fraction", "wall clock / SGD", "CPU time / SGD",
         "training time / SGD", "final test acc (%)", "acc − full SAM+AACE (pp, paired)",
     ]  # fmt: skip
-    table = _common.markdown_table(headers, table_rows)
+    table = harness.markdown_table(headers, table_rows)
     notes = (
         f"{args.dataset}, {args.model}, {args.epochs} epochs, batch {args.batch_size}, lr "
         f"{args.lr} (cosine), rho 0.2 for SAM+AACE, OMP_NUM_THREADS={args.threads}; seeds "
@@ -188,7 +191,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         "`aace train` process (start-up, data loading and evaluation included); training time "
         f"is the sum of the epochs' `seconds`. {args.machine_note}"
     )
-    return _common.write_results(
+    return harness.write_results(
         args.name,
         rows,
         table,
@@ -204,18 +207,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--model", default="wrn16_1")
-    parser.add_argument("--epochs", type=_common.positive_int, default=15)
-    parser.add_argument("--batch-size", type=_common.positive_int, default=64)
+    parser.add_argument("--epochs", type=harness.positive_int, default=15)
+    parser.add_argument("--batch-size", type=harness.positive_int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seeds", type=_common.positive_int, default=3)
+    parser.add_argument("--seeds", type=harness.positive_int, default=3)
     parser.add_argument(
         "--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="subset to run"
     )
     parser.add_argument("--name", default="cost")
     parser.add_argument("--runs-dir", type=Path, help="default runs/<name>")
-    parser.add_argument("--threads", type=_common.positive_int, default=1, help="OMP_NUM_THREADS")
+    parser.add_argument("--threads", type=harness.positive_int, default=1, help="OMP_NUM_THREADS")
     parser.add_argument(
-        "--out-dir", type=Path, default=_common.DEFAULT_OUT_DIR, help="results directory"
+        "--out-dir", type=Path, default=harness.DEFAULT_OUT_DIR, help="results directory"
     )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(

@@ -1,7 +1,8 @@
 """Sharpness of finished runs: ``aace sharpness`` on every run directory given, then a table of the
 top Hessian eigenvalue, trace and adaptive sharpness per optimizer (mean ± std over seeds, n).
 
-    python benchmarks/sharpness_of_runs.py benchmarks/out/replicate/digits/*-s? --name digits \\
+    python -m benchmarks.studies.sharpness_of_runs benchmarks/out/replicate/digits/*-s? \\
+        --name digits
         -- --images 1024 --samples 20
 
 Arguments after ``--`` go to ``aace sharpness`` unchanged (see ``aace sharpness --help``). A run
@@ -13,18 +14,15 @@ whose ``sharpness.json`` was made with the same settings is not measured again. 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from _common import DEFAULT_OUT_DIR, markdown_table, write_results
 
 from aace.report import read_run
-from aace.runs import SHARPNESS
-from aace.training.sharpness_run import add_arguments, run_sharpness, settings_from_args
+from benchmarks.harness import DEFAULT_OUT_DIR, markdown_table, write_results
+from benchmarks.studies.common import measure_sharpness
 
 QUANTITIES = (
     ("hessian_eigenvalues", "top Hessian eigenvalue"),
@@ -40,22 +38,6 @@ def _value(result: dict, key: str) -> float | None:
     return value[0] if isinstance(value, list) else value
 
 
-def measure(run: Path, sharpness_argv: list[str]) -> dict:
-    parser = argparse.ArgumentParser(prog="aace sharpness")
-    add_arguments(parser)
-    settings = settings_from_args(parser.parse_args([str(run), *sharpness_argv]))
-    wanted = dataclasses.asdict(settings)
-    path = run / SHARPNESS
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        settings = {k: v for k, v in saved.get("settings", {}).items() if k != "images_measured"}
-        if settings == wanted:
-            return saved
-    print(f"== {run}", flush=True)
-    run_sharpness(run, settings, log=lambda line: print(f"   {line}", flush=True))
-    return json.loads(path.read_text())
-
-
 def main() -> int:
     argv = sys.argv[1:]
     sharpness_argv = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -69,7 +51,7 @@ def main() -> int:
     groups: dict[str, list[dict]] = {}
     for path in args.runs:
         run = read_run(path)
-        result = measure(path, sharpness_argv)
+        result = measure_sharpness(path, sharpness_argv)
         result["test_acc"] = run.rows[-1]["test_acc"]
         groups.setdefault(run.label, []).append(result)
 
@@ -79,7 +61,8 @@ def main() -> int:
         summary: dict = {"optimizer": label, "n": len(results)}
         cells: list[object] = [label, len(results)]
         accuracy = [100 * r["test_acc"] for r in results]
-        cells.append(f"{statistics.fmean(accuracy):.2f} ± {statistics.stdev(accuracy):.2f}")
+        spread = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
+        cells.append(f"{statistics.fmean(accuracy):.2f} ± {spread:.2f}")
         for key, _ in QUANTITIES:
             values = [v for r in results if (v := _value(r, key)) is not None]
             if not values:

@@ -16,14 +16,13 @@ dense, seed-repeated grid of real runs.
 Results: ``benchmarks/results/<name>.{json,md}``; the runs go to ``--runs-dir`` (resumable: rerun
 the same command to continue). The tuning page's figures:
 
-    python benchmarks/tune_vs_grid.py --workers 2
+    python -m benchmarks.studies.tune_vs_grid --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import subprocess
 import sys
@@ -31,18 +30,15 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from _common import DEFAULT_OUT_DIR, markdown_table, write_results
 
+from aace.runs import RunDirectory, selected_row
 from aace.training.tune.scoring import SCORES, rank_key, run_score
 from aace.training.tune.spec import Space, grid_points, run_name
-
-
-def _rows(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+from benchmarks.harness import DEFAULT_OUT_DIR, markdown_table, write_results
 
 
 def _test_at_selected(rows: list[dict]) -> float:
-    return max(rows, key=lambda r: r["val_acc"])["test_acc"]  # the earliest best val_acc
+    return selected_row(rows)["test_acc"]  # the earliest best val_acc
 
 
 def main() -> None:
@@ -85,7 +81,9 @@ def main() -> None:
     rows, details = [], {}
     for optimizer in args.optimizers.split(","):
         runs = {
-            (rho, seed): _rows(pool / optimizer / run_name(optimizer, {"rho": rho}, seed))
+            (rho, seed): RunDirectory(
+                pool / optimizer / run_name(optimizer, {"rho": rho}, seed)
+            ).read_rows()
             for rho in dense
             for seed in seeds
         }
