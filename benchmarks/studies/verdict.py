@@ -399,6 +399,10 @@ def report(args: argparse.Namespace) -> str:
     write_results(f"verdict-{args.setting}", [], text, args.out_dir, device=torch.device("cpu"),
                   config={k: str(v) for k, v in vars(args).items()}, extra=splits)  # fmt: skip
     figure(args.out_dir, args.margin)
+    if splits:
+        sensitivity_figure(
+            args.out_dir / f"verdict-{args.setting}-radius.png", args.setting, splits
+        )
     return text
 
 
@@ -444,6 +448,39 @@ def figure(out_dir: Path, margin: float) -> Path | None:
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.tight_layout()
     path = out_dir / "verdict.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def sensitivity_figure(path: Path, setting: str, splits: dict[str, Any]) -> Path:
+    """Test accuracy of every grid point (mean over search seeds) against its effective radius
+    (log scale), one line per rule, one panel per validation split: where two rules' curves
+    lie on each other, their difference in sensitivity to rho is one of radius."""
+    import matplotlib  # the figure is optional: only the report needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.8), squeeze=False,
+                             sharey=True)  # fmt: skip
+    for ax, (name, split) in zip(axes[0], splits.items()):
+        for k, (rule, entry) in enumerate(split["entries"].items()):
+            grid = sorted((g for g in entry["grid"] if g["radius"]), key=lambda g: g["radius"])
+            if grid:
+                ax.plot([g["radius"] for g in grid], [100 * g["test"] for g in grid], "o-",
+                        color=f"C{k}", label=rule, markersize=4)  # fmt: skip
+            elif entry["tests"]:  # SGD: no radius, its final mean as a line
+                ax.axhline(100 * statistics.fmean(entry["tests"]), color=f"C{k}",
+                           linestyle="--", label=rule)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("effective radius (perturbation norm, last third of training)")
+        ax.set_title(f"{setting}, {name.replace('split', 'split seed ')}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy at the selected epoch (%)")
+    for ax in axes[0]:
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
