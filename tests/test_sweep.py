@@ -315,3 +315,8 @@ def test_old_spellings_still_work_with_one_line(capsys):
     args = build_parser().parse_args(["plot", "r", "--out", "c.png", "--debug"])
     assert (args.figure, args.debug) == ("c.png", True)
     assert "--out is deprecated; use --figure" in capsys.readouterr().err
+    args = build_parser().parse_args(["tune", "--out", "x", "--optimizer", "sgd,sam"])
+    assert args.optimizers == "sgd,sam"
+    assert capsys.readouterr().err.splitlines() == [
+        "aace: warning: --optimizer is deprecated; use --optimizers"
+    ]

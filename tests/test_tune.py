@@ -302,7 +302,7 @@ def test_the_uncertainty_by_hand(tmp_path, npz_path):
 def test_two_workers_share_a_journal_then_paired_final_seeds(npz_path, tmp_path):
     out = tmp_path / "tune"
     command = tune_command(
-        npz_path, out, "--optimizer", "sam,sam-aace", "--rho", "0.02,0.1,0.5",
+        npz_path, out, "--optimizers", "sam,sam-aace", "--rho", "0.02,0.1,0.5",
         "--search-seeds", "2", "--final-seeds", "3", "--baseline", "sam", "--margin", "2",
         "--progress", "0",
     )  # fmt: skip
@@ -370,7 +370,7 @@ def test_a_sigkilled_worker_is_requeued_by_a_busy_one_within_two_heartbeats(npz_
     """Worker A is SIGKILLed in its first trial while worker B trains another: B's heartbeat
     thread requeues A's trial within about two heartbeats, B later resumes it from A's
     checkpoint to the same rows as an uninterrupted run, and the report counts it once."""
-    options = ("--optimizer", "sam", "--rho", "0.02,0.1,0.3,0.5", "--heartbeat", "1")
+    options = ("--optimizers", "sam", "--rho", "0.02,0.1,0.3,0.5", "--heartbeat", "1")
     train = ("--lr", "0.05", "--checkpoint-every", "2", "--dropout", "0.2")
     out = tmp_path / "killed"
     # 48 training images, batch 16: 3 steps per epoch; A dies in step 5 (epoch 2), after the
@@ -407,7 +407,7 @@ def test_a_sigkilled_worker_is_requeued_by_a_busy_one_within_two_heartbeats(npz_
     assert "resumed from" in (run / "train.log").read_text()
     reference = tmp_path / "reference"
     result = subprocess.run(
-        tune_command(npz_path, reference, "--optimizer", "sam", "--rho", f"{rho:g}",
+        tune_command(npz_path, reference, "--optimizers", "sam", "--rho", f"{rho:g}",
                      train=train, epochs=4),
         env=env(), capture_output=True, text=True,
     )  # fmt: skip
@@ -416,7 +416,7 @@ def test_a_sigkilled_worker_is_requeued_by_a_busy_one_within_two_heartbeats(npz_
 
 
 def test_ctrl_c_stops_at_a_checkpoint_and_requeues_the_trial(npz_path, tmp_path):
-    options = ("--optimizer", "sam", "--rho", "0.1")
+    options = ("--optimizers", "sam", "--rho", "0.1")
     train = ("--lr", "0.05", "--checkpoint-every", "2")
     reference = tmp_path / "reference"
     result = subprocess.run(tune_command(npz_path, reference, *options, train=train), env=env(),
@@ -535,7 +535,7 @@ def test_two_workers_on_postgresql_one_sigkilled(npz_path, tmp_path, postgres_ur
     """Two "machines" (two commands, one storage, a shared run folder): one is SIGKILLed in its
     first trial; the other requeues and finishes it; no configuration runs twice."""
     out = tmp_path / "shared"
-    command = tune_command(npz_path, out, "--optimizer", "sam", "--rho", "0.02,0.1,0.5",
+    command = tune_command(npz_path, out, "--optimizers", "sam", "--rho", "0.02,0.1,0.5",
                            "--heartbeat", "1", "--storage", postgres_url,
                            train=("--lr", "0.05", "--checkpoint-every", "2"))  # fmt: skip
     first = subprocess.Popen(command, env=env(AACE_FAULTS="step:5"), stdout=subprocess.PIPE,

@@ -67,7 +67,7 @@ def main() -> None:
         train += ["--label-noise", str(args.label_noise)]
     pool = Path(args.runs_dir) / "pool"
     command = [
-        sys.executable, "-m", "aace", "tune", "--out", str(pool), "--optimizer", args.optimizers,
+        sys.executable, "-m", "aace", "tune", "--out", str(pool), "--optimizers", args.optimizers,
         "--rho", args.range, "--trials", str(args.points), "--search-seeds", str(args.seeds),
         "--val-split", str(args.val_split), "--workers", str(args.workers), "--progress", "120",
         "--", *train,

@@ -100,7 +100,7 @@ def tune_command(args: argparse.Namespace, split: int, rule: str) -> list[str]:
     space = RULES.get(optimizer)
     search = [] if space is None else ["--rho", space, "--trials", str(args.points)]
     return [
-        "aace", "tune", "--out", str(rule_dir(args, split, rule)), "--optimizer", optimizer,
+        "aace", "tune", "--out", str(rule_dir(args, split, rule)), "--optimizers", optimizer,
         *search, "--search-seeds", str(args.search_seeds), "--val-split", str(args.val_split),
         "--val-split-seed", str(split), "--final-seeds", str(args.final_seeds),
         "--workers", str(args.workers), "--progress", "300",

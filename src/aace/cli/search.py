@@ -78,10 +78,11 @@ def add_tune_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="the tuning's folder (runs, journal, report)")
     parser.add_argument(
-        "--optimizer",
+        "--optimizers",
         default="sam,sam-aace",
         help="comma-separated optimizers, each searched on its own (default sam,sam-aace)",
     )
+    add_deprecated(parser, "--optimizer", "--optimizers")
     for name, what in (
         ("rho", "the perturbation radius (SAM optimizers)"),
         ("lr", "the base learning rate"),
@@ -289,7 +290,7 @@ def tune_command(args: argparse.Namespace) -> int:
         base.pop(name, None)  # a preset's; the tuning sets them
     spec = tune.TuneSpec(
         out=args.out,
-        optimizers=[o.strip() for o in args.optimizer.split(",") if o.strip()],
+        optimizers=[o.strip() for o in args.optimizers.split(",") if o.strip()],
         spaces=spaces,
         base=base,
         trials=args.trials,
