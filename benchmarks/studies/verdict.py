@@ -416,14 +416,17 @@ def report(args: argparse.Namespace) -> str:
 def figure(out_dir: Path, margin: float) -> Path | None:
     """``verdict.png``: per setting found in ``out_dir``, each rule's paired difference against
     SAM with its 95 % interval, one marker per validation split, the equivalence margin shaded."""
-    results = {}
+    results, titles = {}, {}
     for setting in SETTINGS:
         path = out_dir / f"verdict-{setting}.json"
         if path.is_file():
             data = json.loads(path.read_text())
             splits = {k: v["vs_sam"] for k, v in data.items() if k.startswith("split")}
+            sam = [t for k, v in data.items() if k.startswith("split")
+                   for t in v["entries"]["sam"]["tests"]]  # fmt: skip
             if any(splits.values()):
                 results[setting] = splits
+                titles[setting] = f"{setting} (SAM: {100 * statistics.fmean(sam):.1f} %)"
     if not results:
         return None
     import matplotlib  # the figure is optional: only the report needs it
@@ -449,7 +452,7 @@ def figure(out_dir: Path, margin: float) -> Path | None:
                             color=f"C{k}", label=name.replace("split", "split seed ")
                             if i == 0 else None)  # fmt: skip
         ax.set_xticks(range(len(rules)), rules, rotation=35, ha="right")
-        ax.set_title(setting)
+        ax.set_title(titles[setting], fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy − SAM's (pp), 95 % CI")
     axes[0][-1].legend(fontsize=8, loc="best")
