@@ -154,6 +154,17 @@ def test_debug_shows_the_traceback_before_or_after_the_subcommand(where, tmp_pat
     )
 
 
+@pytest.mark.parametrize("command", ["sweep", "tune"])
+def test_debug_after_the_dashes_is_named(command, tmp_path, capsys):
+    argv = [command, "--out", str(tmp_path / "s"), "--", "--epochs", "1", "--debug"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        f"aace: error: --debug after --: it is a flag of aace {command} itself, not of the "
+        "runs; put it before --"
+    ]
+
+
 def test_corrupted_checkpoint_and_foreign_file(tmp_path, capsys):
     truncated = tmp_path / "checkpoint.pt"
     truncated.write_bytes(b"PK\x03\x04 not really a zip")

@@ -198,6 +198,11 @@ def _train_args_after_dashes(command: str, argv: list[str]) -> argparse.Namespac
     or the exit status when parsing ended (a usage error, reported in one line, or --help)."""
     if world_size() > 1:
         raise ConfigError(f"aace {command} starts its own processes; run it without torchrun")
+    if "--debug" in argv:
+        raise ConfigError(
+            f"--debug after --: it is a flag of aace {command} itself, not of the runs; "
+            "put it before --"
+        )
     train_parser = Parser(prog="aace train")
     add_run_arguments(train_parser)
     try:
