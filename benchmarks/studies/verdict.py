@@ -189,6 +189,10 @@ def collect(args: argparse.Namespace, split: int, rule: str) -> dict[str, Any] |
             "val": statistics.fmean(r["score"] for r in configuration["runs"]),
             "test": statistics.fmean(selected_row(r)["test_acc"] for r in rows),
             "radius": statistics.fmean(radii) if radii else None,
+            # With label noise: the score a split with the true labels would have given.
+            "val_clean": statistics.fmean(clean) if (clean := [
+                max(x["val_acc_clean"] for x in r) for r in rows
+                if r and r[0].get("val_acc_clean") is not None]) else None,
         })  # fmt: skip
     final_rows = [RunDirectory(run).read_rows() for run in final["runs"]]
 
@@ -304,10 +308,15 @@ def _split_tables(split: int, entries: dict[str, dict[str, Any]],
         if len(tests) > 1:
             best = tests[0]
             close = [g for g in e["grid"] if g["test"] >= best - 0.01]
+            rho = (e["chosen"] or {}).get("rho")
+            at_choice = next((g["test"] for g in e["grid"] if g["rho"] == rho), None)
+            cleans = [g for g in e["grid"] if g.get("val_clean") is not None]
+            clean = max(cleans, key=lambda g: g["val_clean"]) if cleans else None
             sensitivity.append([
-                rule, _pp(best), _pp(best - statistics.median(tests)), _pp(best - tests[-1]),
-                ", ".join(f"{g['rho']:.3g}" for g in close),
+                rule, _pp(best), _pp(at_choice), _pp(best - statistics.median(tests)),
+                _pp(best - tests[-1]), ", ".join(f"{g['rho']:.3g}" for g in close),
                 ", ".join("–" if g["radius"] is None else f"{g['radius']:.3g}" for g in close),
+                "–" if clean is None else f"{clean['rho']:.3g}: {_pp(clean['test'])}",
             ])  # fmt: skip
         compute.append([
             rule, e["epochs"],
@@ -354,16 +363,20 @@ def _split_tables(split: int, entries: dict[str, dict[str, Any]],
     if sensitivity:
         tables.append(
             f"## Sensitivity to rho, split seed {split}\n\nFrom the search's own runs: test "
-            "accuracy (%) at the selected epoch, mean over search seeds, at the best grid point; "
-            "what the median and the worst grid point lose; the radii within 1 pp of the best.\n\n"
+            "accuracy (%) at the selected epoch, mean over search seeds, at the best grid point "
+            "and at the validation split's choice; what the median and the worst grid point "
+            "lose; the radii within 1 pp of the best; with label noise, the radius a validation "
+            "split with the true labels would have chosen, and its test accuracy.\n\n"
             + markdown_table(
                 [
                     "rule",
                     "best grid test acc",
+                    "at the choice",
                     "loss to median (pp)",
                     "loss to worst (pp)",
                     "rho within 1 pp",
                     "their effective radius",
+                    "true-label choice: test acc",
                 ],
                 sensitivity,
             )  # fmt: skip
