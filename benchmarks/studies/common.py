@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from aace.cli.arguments import add_sharpness_arguments, sharpness_settings
 from aace.report import read_run
 from aace.runs import RunDirectory
-from aace.training.sharpness_run import add_arguments, run_sharpness, settings_from_args
+from aace.training.sharpness_run import run_sharpness
 from benchmarks.harness import REPOSITORY, markdown_table
 
 # The team's CIFAR-10 subset (5,085 training images), beside the repository.
@@ -99,8 +100,8 @@ def measure_sharpness(run: Path, sharpness_argv: list[str]) -> dict[str, Any]:
     """``aace sharpness RUN *sharpness_argv``, unless the run's ``sharpness.json`` was made with
     the same settings; returns that file's content."""
     parser = argparse.ArgumentParser(prog="aace sharpness")
-    add_arguments(parser)
-    settings = settings_from_args(parser.parse_args([str(run), *sharpness_argv]))
+    add_sharpness_arguments(parser)
+    settings = sharpness_settings(parser.parse_args([str(run), *sharpness_argv]))
     wanted = dataclasses.asdict(settings)
     saved = RunDirectory(run).read_sharpness()
     if saved is not None:

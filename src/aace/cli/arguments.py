@@ -1,6 +1,7 @@
 """What the subcommands share: the one-line usage errors of :class:`Parser`, deprecated flag
 spellings, and the ``aace train`` flags with the :class:`RunConfig` they make (also given after
-``--`` to ``aace sweep`` and ``aace tune``)."""
+``--`` to ``aace sweep`` and ``aace tune``); the ``aace sharpness`` flags with the
+:class:`~aace.training.sharpness_run.SharpnessSettings` they make."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from aace.training.config import ConfigError, RunConfig, preset, read_config_file
+from aace.runs import SHARPNESS
+from aace.training.config import DEVICES, ConfigError, RunConfig, preset, read_config_file
+from aace.training.sharpness_run import DTYPES, LANDSCAPES, SharpnessSettings
 from aace.training.workers import await_rank_zero, rank
 
 __all__ = [
-    "EXIT_USAGE", "Parser", "add_deprecated", "add_run_arguments", "config_from_args",
-    "config_values",
+    "EXIT_USAGE", "Parser", "add_deprecated", "add_run_arguments", "add_sharpness_arguments",
+    "config_from_args", "config_values", "sharpness_settings",
 ]  # fmt: skip
 
 # A usage error or any other error of the user's input (--debug shows its traceback).
@@ -133,3 +136,64 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             Path("runs") / f"{config.dataset}-{config.model}-{config.optimizer}-s{config.seed}"
         )
     return config.validate()
+
+
+def add_sharpness_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``aace sharpness`` flags; their defaults are :class:`SharpnessSettings`'."""
+    defaults = SharpnessSettings()
+    add = parser.add_argument
+
+    def number(flag: str, help: str, skip: bool = False) -> None:
+        """A flag of a numeric field, its type and default the field's; ``skip``: 0 skips it."""
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        note = "0: skip; " if skip else ""
+        add(flag, type=type(default), default=default, help=f"{help} ({note}default {default:g})")
+
+    add("run", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory or its checkpoint.pt")
+    number("--images", "training images measured on")
+    number("--batch-size", "batch size; the m of m-sharpness")
+    number("--top-k", "Hessian eigenvalues to compute", skip=True)
+    number("--max-iter", "most Lanczos iterations")
+    number("--tol", "Lanczos relative residual tolerance")
+    number("--samples", "Hutchinson probes for the trace", skip=True)
+    number("--rho", "radius of the adaptive worst-case sharpness")
+    add(
+        "--norm",
+        choices=("linf", "l2"),
+        default=defaults.norm,
+        help=f"its norm (default {defaults.norm})",
+    )
+    number("--steps", "its gradient-ascent steps", skip=True)
+    number("--average-rho", "relative noise scale of the adaptive average sharpness")
+    number("--average-samples", "its noise draws per batch", skip=True)
+    add(
+        "--landscape",
+        choices=LANDSCAPES,
+        help="1d: the interpolation to --against, or a filter-normalized random line without it; "
+        "2d: a filter-normalized random plane. Written as landscape-1d.png / landscape-2d.png",
+    )
+    add("--against", help="another checkpoint of the same model, for --landscape 1d")
+    number("--span", "random line/plane: coordinates in [-span, span]")
+    add("--resolution", type=int, help="points per axis (default 21 for 1d, 11 for 2d)")
+    add(
+        "--mode",
+        choices=("eval", "train"),
+        default=defaults.mode,
+        help=f"model mode (default {defaults.mode})",
+    )
+    add("--dtype", choices=tuple(DTYPES), default=defaults.dtype, help=f"default {defaults.dtype}")
+    number("--seed", "image subset, probes, directions")
+    add("--device", choices=DEVICES, default=defaults.device)
+    add("--data-dir", help="override the dataset directory of the run")
+    add(
+        "--output-file",
+        metavar="FILE",
+        help=f"the JSON to write (default RUN_DIR/{SHARPNESS}); a landscape PNG goes beside it",
+    )
+
+
+def sharpness_settings(args: argparse.Namespace) -> SharpnessSettings:
+    """The settings of parsed ``aace sharpness`` flags."""
+    return SharpnessSettings(
+        **{field.name: getattr(args, field.name) for field in dataclasses.fields(SharpnessSettings)}
+    )

@@ -17,7 +17,7 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from aace.cli.arguments import EXIT_USAGE, config_from_args
+from aace.cli.arguments import EXIT_USAGE, config_from_args, sharpness_settings
 from aace.cli.parser import build_parser
 from aace.cli.search import sweep_command, tune_command
 from aace.integrations import MissingExtraError
@@ -28,7 +28,7 @@ from aace.training.config import PRESETS, ConfigError, RunConfig
 from aace.training.distributed import on_all_ranks
 from aace.training.evaluate import evaluate, load_trained_model
 from aace.training.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, defer_sigterm
-from aace.training.sharpness_run import run_sharpness, settings_from_args
+from aace.training.sharpness_run import run_sharpness
 from aace.training.step import NonFiniteError
 from aace.training.trainer import Trainer
 from aace.training.workers import first_line, lost_contact, report_failure, world_size
@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
         print(compare_table(args.runs, args.baseline))
         return 0
     if args.command == "sharpness":
-        settings = settings_from_args(args)
+        settings = sharpness_settings(args)
         path = run_sharpness(
             args.run, settings, args.output_file, log=lambda line: print(line, flush=True)
         )

@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 
 import aace
-from aace.cli.arguments import Parser, add_deprecated, add_run_arguments
+from aace.cli.arguments import Parser, add_deprecated, add_run_arguments, add_sharpness_arguments
 from aace.cli.search import add_sweep_parser, add_tune_parser
 from aace.training.config import DEVICES
-from aace.training.sharpness_run import add_arguments as add_sharpness_arguments
 
 __all__ = ["build_parser"]
 
