@@ -390,6 +390,28 @@ def _split_tables(split: int, entries: dict[str, dict[str, Any]],
     return tables
 
 
+def _variance_table(splits: dict[str, dict[str, Any]]) -> str:
+    """Tuning variance: per rule, the choice and the verdict of each validation split."""
+    rules = list(dict.fromkeys(r for s in splits.values() for r in s["entries"]))
+    rows = []
+    for rule in rules:
+        row: list[object] = [rule]
+        for split in splits.values():
+            entry = split["entries"].get(rule)
+            rho = ((entry or {}).get("chosen") or {}).get("rho")
+            row += ["–" if rho is None else f"{rho:.3g}",
+                    split["vs_sam"].get(rule, {}).get("verdict", "–")]  # fmt: skip
+        rows.append(row)
+    headers = ["rule"] + [
+        f"{column}, {name.replace('split', 'split seed ')}"
+        for name in splits
+        for column in ("rho", "verdict")
+    ]
+    return "Tuning variance: the choice and the verdict of each validation split.\n\n" + (
+        markdown_table(headers, rows)
+    )
+
+
 def report(args: argparse.Namespace) -> str:
     splits, answer, sections = {}, [], []
     for split in args.split_seeds:
@@ -411,6 +433,8 @@ def report(args: argparse.Namespace) -> str:
         f"{args.final_seeds} paired final seeds, margin ±{args.margin:g} pp; "
         f"{epochs} epochs trained in all, {hours / 3600:.1f} h of wall clock."
     )
+    if len(splits) > 1:
+        answer.append(_variance_table(splits))
     text = "\n\n".join(
         ["## Answer\n\n" + protocol + "\n\n" + "\n".join(answer), *sections]
         if splits
