@@ -421,6 +421,8 @@ def report(args: argparse.Namespace) -> str:
         comparisons = _compare(entries, args.margin)
         splits[f"split{split}"] = {"entries": entries, "vs_sam": comparisons}
         answer.append(f"Validation split seed {split}:\n")
+        if missing := [r for r in args.rules if r not in entries]:
+            answer.append(f"- not yet run on this split: {', '.join(missing)}")
         answer += [f"- {_verdict_line(r, v, args.margin)}" for r, v in comparisons.items()]
         answer.append("")
         sections += _split_tables(split, entries, comparisons)
