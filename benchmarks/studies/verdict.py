@@ -76,7 +76,7 @@ RULES: dict[str, str | None] = {
     "sam": "0.01:2:log",
     "sam-aace": "0.01:5:log",
     "sam-aace-normalized": "0.01:2:log",
-    "asam": "0.05:10:log",
+    "asam": "0.01:10:log",  # widened from 0.05:10 (digits, split 1 chose its low end)
     "sam-bisam": "0.001:2:log",
 }
 SGD_DOUBLE = "sgd-x2"  # SGD at twice the epochs
