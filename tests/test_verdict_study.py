@@ -101,6 +101,7 @@ def test_report_from_part_files_alone(tmp_path):
 
     text = verdict.report(args)
 
+    assert "Validation split seed 0 (Holm over the 1 comparison with SAM run on it)" in text
     assert "- not yet run on this split: sgd" in text
     assert "sam-aace: +0.10 pp against SAM" in text
     assert "**within ±1 pp of SAM**" in text

@@ -421,7 +421,10 @@ def report(args: argparse.Namespace) -> str:
             continue
         comparisons = _compare(entries, args.margin)
         splits[f"split{split}"] = {"entries": entries, "vs_sam": comparisons}
-        answer.append(f"Validation split seed {split}:\n")
+        answer.append(
+            f"Validation split seed {split} (Holm over the {len(comparisons)} "
+            f"comparison{'' if len(comparisons) == 1 else 's'} with SAM run on it):\n"
+        )
         if missing := [r for r in args.rules if r not in entries]:
             answer.append(f"- not yet run on this split: {', '.join(missing)}")
         answer += [f"- {_verdict_line(r, v, args.margin)}" for r, v in comparisons.items()]
