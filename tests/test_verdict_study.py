@@ -20,7 +20,8 @@ def _entry(rule: str, tests: list[float], seeds: list[int] = SEEDS, grid=None) -
         "rule": rule, "chosen": {"rho": 0.1}, "score": 0.5, "se": 0.02,
         "within_2se": [{"rho": 0.1}], "cannot_choose": False, "at_range_end": None,
         "val_count": 400, "seeds": seeds, "tests": tests, "radius": 0.1, "cosine": 0.0,
-        "grid": grid or [], "epochs": 10, "wall_seconds": 36.0, "final_epoch_seconds": 1.0,
+        "grid": grid or [], "epochs": 10, "wall_seconds": 36.0, "train_seconds": 5400.0,
+        "final_epoch_seconds": 1.0,
         "commands": [f"aace tune --optimizers {rule}"],
     }  # fmt: skip
 
@@ -109,6 +110,9 @@ def test_report_from_part_files_alone(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| sam | 80.00"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1:6] == ["80.00", "80.00", "5.25", "40.00", "0.1, 1"]
+    # compute: 5400 s of epochs per rule -> 1.50 core-h each, 3.0 h in the protocol line
+    assert "| sam | 10 | 1.50 | 0.01 | 1.00 |" in text
+    assert "20 epochs trained in all, 3.0 h of training on one core each." in text
     saved = json.loads((args.out_dir / "verdict-digits-noise40.json").read_text())
     assert saved["split0"]["vs_sam"]["sam-aace"]["n"] == len(SEEDS)
     assert (args.out_dir / "verdict.png").is_file()

@@ -179,11 +179,12 @@ def collect(args: argparse.Namespace, split: int, rule: str) -> dict[str, Any] |
     optimizer = "sgd" if rule == SGD_DOUBLE else rule
     entry = json.loads(path.read_text())["optimizers"][optimizer]
     final = entry.get("final") or {"seeds": [], "test_acc_at_selected": [], "runs": []}
-    grid = []
+    grid, train_seconds = [], 0.0
     for configuration in entry["configurations"]:
         if configuration["state"] != "full":
             continue
         rows = [RunDirectory(r["run"]).read_rows() for r in configuration["runs"]]
+        train_seconds += sum(row.get("seconds") or 0.0 for r in rows for row in r)
         radii = [x for r in rows if (x := _last_third(r, "perturbation_norm")) is not None]
         grid.append({
             "rho": configuration["params"].get("rho"),
@@ -206,6 +207,7 @@ def collect(args: argparse.Namespace, split: int, rule: str) -> dict[str, Any] |
         [json.loads(x) for x in sessions.read_text().splitlines()] if sessions.is_file() else []
     )
     epoch_seconds = [row["seconds"] for rows in final_rows for row in rows if row.get("seconds")]
+    train_seconds += sum(epoch_seconds)
     return {
         "rule": rule,
         "chosen": entry.get("best"),
@@ -218,6 +220,8 @@ def collect(args: argparse.Namespace, split: int, rule: str) -> dict[str, Any] |
         "grid": grid,
         "epochs": entry.get("epochs_trained", 0) + sum(len(r) for r in final_rows),
         "wall_seconds": sum(s["seconds"] for s in sittings) or None,
+        # Every epoch's own time (each on one core), so killed sittings count too.
+        "train_seconds": train_seconds or None,
         "final_epoch_seconds": statistics.fmean(epoch_seconds) if epoch_seconds else None,
         "commands": sorted({s["command"] for s in sittings}),
     }  # fmt: skip
@@ -321,6 +325,7 @@ def _split_tables(split: int, entries: dict[str, dict[str, Any]],
             ])  # fmt: skip
         compute.append([
             rule, e["epochs"],
+            "–" if not e.get("train_seconds") else f"{e['train_seconds'] / 3600:.2f}",
             "–" if not e.get("wall_seconds") else f"{e['wall_seconds'] / 3600:.2f}",
             "–" if not e.get("final_epoch_seconds") else f"{e['final_epoch_seconds']:.2f}",
         ])  # fmt: skip
@@ -383,9 +388,12 @@ def _split_tables(split: int, entries: dict[str, dict[str, Any]],
             )  # fmt: skip
         )
     tables.append(
-        f"## Compute, split seed {split}\n\n"
+        f"## Compute, split seed {split}\n\nTraining time: the sum of every epoch's own time "
+        "(search and final runs, one core each; evaluation included). Wall clock: the sittings "
+        "that finished, so a sitting that was killed is missing from it.\n\n"
         + markdown_table(
-            ["rule", "epochs trained", "wall clock (h)", "s per final epoch"], compute
+            ["rule", "epochs trained", "training time (core-h)", "wall clock (h)",
+             "s per final epoch"], compute,
         )  # fmt: skip
     )
     return tables
@@ -431,13 +439,13 @@ def report(args: argparse.Namespace) -> str:
         answer.append("")
         sections += _split_tables(split, entries, comparisons)
     epochs = sum(e["epochs"] for s in splits.values() for e in s["entries"].values())
-    hours = sum(e.get("wall_seconds") or 0 for s in splits.values() for e in s["entries"].values())
+    hours = sum(e.get("train_seconds") or 0 for s in splits.values() for e in s["entries"].values())
     protocol = (
         f"Protocol: {args.points} grid points per rule's log range of rho, {args.search_seeds} "
         f"search seeds, {args.epochs} epochs (SGD ×2: {2 * args.epochs}), validation split "
         f"{args.val_split:g} (seeds {', '.join(map(str, args.split_seeds))}), "
         f"{args.final_seeds} paired final seeds, margin ±{args.margin:g} pp; "
-        f"{epochs} epochs trained in all, {hours / 3600:.1f} h of wall clock."
+        f"{epochs} epochs trained in all, {hours / 3600:.1f} h of training on one core each."
     )
     if len(splits) > 1:
         answer.append(_variance_table(splits))
