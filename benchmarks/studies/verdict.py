@@ -392,8 +392,14 @@ def _split_tables(split: int, entries: dict[str, dict[str, Any]],
         "(search and final runs, one core each; evaluation included). Wall clock: the sittings "
         "that finished, so a sitting that was killed is missing from it.\n\n"
         + markdown_table(
-            ["rule", "epochs trained", "training time (core-h)", "wall clock (h)",
-             "s per final epoch"], compute,
+            [
+                "rule",
+                "epochs trained",
+                "training time (core-h)",
+                "wall clock (h)",
+                "s per final epoch",
+            ],
+            compute,
         )  # fmt: skip
     )
     return tables
