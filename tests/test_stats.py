@@ -27,6 +27,15 @@ def test_paired_difference_is_scipys_paired_t_test():
     assert comparison.n == 6
 
 
+def test_paired_difference_of_a_constant_shift_is_a_zero_width_interval():
+    base = [0.5, 0.25, 0.75, 0.125]  # dyadic: every sum and difference below is exact
+    comparison = stats.paired_difference([x + 0.25 for x in base], base)
+    assert (comparison.difference, comparison.low, comparison.high) == (0.25, 0.25, 0.25)
+    assert comparison.p == 0.0 and comparison.sd == 0.0
+    assert math.isnan(stats.paired_difference(list(B), list(B)).p)  # no difference at all
+    assert math.isnan(stats.paired_difference([0.5], [0.25]).low)  # one seed: no interval
+
+
 def test_paired_difference_refuses_unequal_lists():
     with pytest.raises(ValueError, match="got 2 and 3 values"):
         stats.paired_difference([0.1, 0.2], [0.1, 0.2, 0.3])

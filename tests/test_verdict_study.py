@@ -106,6 +106,8 @@ def test_report_from_part_files_alone(tmp_path):
     assert "- not yet run on this split: sgd" in text
     assert "sam-aace: +0.10 pp against SAM" in text
     assert "**within ±1 pp of SAM**" in text
+    # a constant paired difference: a zero-width interval, kept on one line by a no-break space
+    assert "| +0.10 | [+0.10,\u00a0+0.10] |" in text
     # sensitivity: best 80.00, median of (80, 79.5, 70, 40) = 74.75 -> loses 5.25, worst 40.00
     row = next(line for line in text.splitlines() if line.startswith("| sam | 80.00"))
     cells = [c.strip() for c in row.strip("|").split("|")]

@@ -246,6 +246,12 @@ def _pp(value: float | None, sign: bool = False) -> str:
     return f"{100 * value:+.2f}" if sign else f"{100 * value:.2f}"
 
 
+def _interval(low: float, high: float, sign: bool = False) -> str:
+    """``[low, high]`` in pp, joined by a no-break space so that a table cell keeps it on one
+    line."""
+    return f"[{_pp(low, sign)},\u00a0{_pp(high, sign)}]"
+
+
 def _compare(entries: dict[str, dict[str, Any]], margin: float) -> dict[str, dict[str, Any]]:
     """Each rule against SAM, paired by seed; Holm over the rules compared."""
     base = dict(zip(entries["sam"]["seeds"], entries["sam"]["tests"]))
@@ -294,9 +300,9 @@ def _split_tables(split: int, entries: dict[str, dict[str, Any]],
         chosen = ", ".join(f"{k}={v:.3g}" for k, v in (e["chosen"] or {}).items()) or "–"
         final.append([
             rule, chosen, stats.mean_sd_text(e["tests"]),
-            f"[{_pp(low)}, {_pp(high)}]" if len(e["tests"]) > 1 else "–",
+            _interval(low, high) if len(e["tests"]) > 1 else "–",
             _pp(versus.get("difference"), sign=True),
-            f"[{_pp(versus['ci95'][0], True)}, {_pp(versus['ci95'][1], True)}]" if versus else "–",
+            _interval(*versus["ci95"], sign=True) if versus else "–",
             f"{versus['p_holm']:.2g}" if versus else "–",
             f"{versus['tost_p']:.2g}" if versus else "–",
             versus.get("verdict", "–"),

@@ -123,9 +123,10 @@ def paired_difference(
     differences = [x - y for x, y in zip(a, b)]
     n = len(differences)
     mean, sd = mean_sd(differences)
-    if n < 2 or sd == 0:
-        p = math.nan if n < 2 or mean == 0 else 0.0
-        return PairedComparison(mean, math.nan, math.nan, p, sd, n)
+    if n < 2:
+        return PairedComparison(mean, math.nan, math.nan, math.nan, sd, n)
+    if sd == 0:  # every seed differs by the same amount: a zero-width interval
+        return PairedComparison(mean, mean, mean, math.nan if mean == 0 else 0.0, sd, n)
     low, high = confidence_interval(differences, level)
     from scipy import stats
 
