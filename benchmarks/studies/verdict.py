@@ -515,11 +515,18 @@ def figure(out_dir: Path, margin: float) -> Path | None:
                             color=f"C{k}", label=name.replace("split", "split seed ")
                             if i == 0 else None)  # fmt: skip
         ax.set_xticks(range(len(rules)), rules, rotation=35, ha="right")
+        ax.set_xlim(-0.6, len(rules) - 0.4)
         ax.set_title(titles[setting], fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy − SAM's (pp), 95 % CI")
-    axes[0][-1].legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    # One legend for the figure: a setting run on one split alone would hide the other's marker.
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="upper center", ncol=len(handles),
+               fontsize=8, frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
     path = out_dir / "verdict.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
