@@ -110,7 +110,10 @@ class PairedComparison:
 def paired_difference(
     a: Sequence[float], b: Sequence[float], level: float = 0.95
 ) -> PairedComparison:
-    """The paired comparison of ``a`` and ``b`` (``a[i]`` and ``b[i]`` from the same seed).
+    """The paired comparison of ``a`` and ``b`` (``a[i]`` and ``b[i]`` from the same seed):
+    the mean difference, its Student-t interval and the paired t-test's two-sided p. One seed
+    gives NaN for the interval and p; differences that are all equal give a zero-width interval
+    and p = 0 (NaN when they are all zero).
 
     Raises:
         ValueError: ``a`` and ``b`` differ in length or are empty.
