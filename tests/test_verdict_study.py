@@ -1,11 +1,14 @@
 """The verdict study's arithmetic (benchmarks/studies/verdict.py): pairing by seed, the verdict
-classes, Holm and TOST against scipy, and a report made from part files alone."""
+classes, Holm and TOST against scipy, a report made from part files alone, and the wall clock
+of sittings that were killed."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -89,7 +92,7 @@ def test_report_from_part_files_alone(tmp_path):
         for rho, test in ((0.01, 0.70), (0.1, 0.80), (1.0, 0.795), (2.0, 0.40))
     ]
     args = argparse.Namespace(
-        setting="digits-noise40", rules=["sgd", "sam", "sam-aace"], split_seeds=[0],
+        setting="digits-noise40", report_rules=["sgd", "sam", "sam-aace"], report_splits=[0],
         points=4, search_seeds=1, epochs=10, val_split=0.2, final_seeds=len(SEEDS),
         margin=1.0, runs_dir=tmp_path / "runs", out_dir=tmp_path / "results",
     )  # fmt: skip
@@ -119,3 +122,50 @@ def test_report_from_part_files_alone(tmp_path):
     assert saved["split0"]["vs_sam"]["sam-aace"]["n"] == len(SEEDS)
     assert (args.out_dir / "verdict.png").is_file()
     assert (args.out_dir / "verdict-digits-noise40-radius.png").is_file()
+
+
+def test_sit_keeps_a_heartbeat_and_sums_each_sitting_once(tmp_path):
+    sessions = tmp_path / "rule" / verdict.SESSIONS
+    sleep = [sys.executable, "-c", "import time; time.sleep(0.5)"]
+    verdict.sit(sleep, "sleep", sessions, heartbeat=0.1)
+    lines = [json.loads(x) for x in sessions.read_text().splitlines()]
+    assert len(lines) >= 3 and {x["sitting"] for x in lines} == {lines[0]["sitting"]}
+    assert 0.5 <= verdict.wall_seconds(lines) < 5.0
+    # A failing sitting raises as subprocess.run(check=True) would, and still counts.
+    with pytest.raises(subprocess.CalledProcessError) as raised:
+        verdict.sit([sys.executable, "-c", "raise SystemExit(3)"], "fail", sessions, heartbeat=5)
+    assert raised.value.returncode == 3
+    assert sessions.read_text().splitlines()[-1].count('"fail"') == 1
+
+
+def test_wall_seconds_takes_each_sittings_last_heartbeat():
+    lines = [
+        {"seconds": 5.0},  # written before heartbeats: one sitting per line
+        {"seconds": 7.0},
+        {"sitting": 1, "seconds": 1.0},
+        {"sitting": 1, "seconds": 2.0},
+        {"sitting": 2, "seconds": 4.0},
+    ]
+    assert verdict.wall_seconds(lines) == 5.0 + 7.0 + 2.0 + 4.0
+    assert verdict.wall_seconds([]) is None
+
+
+def test_report_without_sams_study_writes_nothing(tmp_path):
+    args = argparse.Namespace(
+        setting="digits-noise40", report_rules=["sgd", "sam"], report_splits=[0],
+        points=4, search_seeds=1, epochs=10, val_split=0.2, final_seeds=len(SEEDS),
+        margin=1.0, runs_dir=tmp_path / "runs", out_dir=tmp_path / "results",
+    )  # fmt: skip
+    part = verdict.part_file(args, 0, "sgd")
+    part.parent.mkdir(parents=True)
+    part.write_text(json.dumps(_entry("sgd", [0.8] * len(SEEDS))))
+    assert "no report written" in verdict.report(args)
+    assert not (args.out_dir / "verdict-digits-noise40.md").exists()
+
+
+def test_unknown_rule_is_one_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["verdict", "--setting", "digits-noise40", "--rules", "sam,x"])
+    with pytest.raises(SystemExit) as raised:
+        verdict.main()
+    assert raised.value.code == 2
+    assert "--rules: unknown rule(s) x; allowed: sgd, sam," in capsys.readouterr().err

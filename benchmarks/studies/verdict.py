@@ -143,12 +143,8 @@ def run(args: argparse.Namespace) -> None:
                 continue
             command = tune_command(args, split, rule)
             print(f"[verdict {args.setting} split {split}] {shlex.join(command)}", flush=True)
-            # Bookkeeping of a study's sittings (its wall clock in hours), not a timing.
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "aace", *command[1:]], check=True)
-            with open(rule_dir(args, split, rule) / SESSIONS, "a") as file:
-                file.write(json.dumps({"seconds": time.perf_counter() - started,
-                                       "command": shlex.join(command)}) + "\n")  # fmt: skip
+            argv = [sys.executable, "-m", "aace", *command[1:]]
+            sit(argv, shlex.join(command), rule_dir(args, split, rule) / SESSIONS)
             entry = collect(args, split, rule)
             if entry is None:
                 raise SystemExit(
@@ -158,9 +154,45 @@ def run(args: argparse.Namespace) -> None:
             atomic_write_json(part, entry)
 
 
-# -- report -------------------------------------------------------------------------------------
-
 SESSIONS = "verdict-sessions.jsonl"  # wall clock of each sitting of a rule's study
+HEARTBEAT_SECONDS = 60.0
+
+
+def sit(
+    argv: list[str], command: str, sessions: Path, heartbeat: float = HEARTBEAT_SECONDS
+) -> None:
+    """Run one sitting of a rule's study (``argv``, logged as ``command``), appending its wall
+    clock so far to ``sessions`` every ``heartbeat`` seconds and at its end: a sitting killed
+    with the machine loses at most one heartbeat. Bookkeeping of a study's hours, not a
+    timing. Raises ``CalledProcessError`` as ``subprocess.run(check=True)`` would."""
+    sessions.parent.mkdir(parents=True, exist_ok=True)
+    sitting, started = time.time_ns(), time.perf_counter()
+    process = subprocess.Popen(argv)
+    while True:
+        try:
+            code = process.wait(timeout=heartbeat)
+        except subprocess.TimeoutExpired:
+            code = None
+        with open(sessions, "a") as file:
+            file.write(json.dumps({"sitting": sitting, "seconds": time.perf_counter() - started,
+                                   "command": command}) + "\n")  # fmt: skip
+        if code is not None:
+            break
+    if code != 0:
+        raise subprocess.CalledProcessError(code, process.args)
+
+
+def wall_seconds(sittings: list[dict[str, Any]]) -> float | None:
+    """The wall clock of a rule's study: each sitting's last heartbeat, summed (lines written
+    before heartbeats, with no ``sitting`` id, are one sitting each). None before any."""
+    last: dict[Any, float] = {}
+    for index, line in enumerate(sittings):
+        key = line.get("sitting", f"line {index}")
+        last[key] = max(last.get(key, 0.0), line["seconds"])
+    return sum(last.values()) or None
+
+
+# -- report -------------------------------------------------------------------------------------
 
 
 def _last_third(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -219,7 +251,7 @@ def collect(args: argparse.Namespace, split: int, rule: str) -> dict[str, Any] |
         "cosine": mean_last_third("perturbation_cosine"),
         "grid": grid,
         "epochs": entry.get("epochs_trained", 0) + sum(len(r) for r in final_rows),
-        "wall_seconds": sum(s["seconds"] for s in sittings) or None,
+        "wall_seconds": wall_seconds(sittings),
         # Every epoch's own time (each on one core), so killed sittings count too.
         "train_seconds": train_seconds or None,
         "final_epoch_seconds": statistics.fmean(epoch_seconds) if epoch_seconds else None,
@@ -395,8 +427,9 @@ def _split_tables(split: int, entries: dict[str, dict[str, Any]],
         )
     tables.append(
         f"## Compute, split seed {split}\n\nTraining time: the sum of every epoch's own time "
-        "(search and final runs, one core each; evaluation included). Wall clock: the sittings "
-        "that finished, so a sitting that was killed is missing from it.\n\n"
+        "(search and final runs, one core each; evaluation included). Wall clock: every "
+        "sitting up to its last heartbeat (one a minute), summed; sittings killed before "
+        "heartbeats were kept (the first studies) are missing, so it can undercount.\n\n"
         + markdown_table(
             [
                 "rule",
@@ -435,8 +468,8 @@ def _variance_table(splits: dict[str, dict[str, Any]]) -> str:
 
 def report(args: argparse.Namespace) -> str:
     splits, answer, sections = {}, [], []
-    for split in args.split_seeds:
-        entries = {r: e for r in args.rules if (e := entry_of(args, split, r)) is not None}
+    for split in args.report_splits:
+        entries = {r: e for r in args.report_rules if (e := entry_of(args, split, r)) is not None}
         if "sam" not in entries:
             continue
         comparisons = _compare(entries, args.margin)
@@ -445,7 +478,7 @@ def report(args: argparse.Namespace) -> str:
             f"Validation split seed {split} (Holm over the {len(comparisons)} "
             f"comparison{'' if len(comparisons) == 1 else 's'} with SAM run on it):\n"
         )
-        if missing := [r for r in args.rules if r not in entries]:
+        if missing := [r for r in args.report_rules if r not in entries]:
             answer.append(f"- not yet run on this split: {', '.join(missing)}")
         answer += [f"- {_verdict_line(r, v, args.margin)}" for r, v in comparisons.items()]
         answer.append("")
@@ -455,24 +488,19 @@ def report(args: argparse.Namespace) -> str:
     protocol = (
         f"Protocol: {args.points} grid points per rule's log range of rho, {args.search_seeds} "
         f"search seeds, {args.epochs} epochs (SGD ×2: {2 * args.epochs}), validation split "
-        f"{args.val_split:g} (seeds {', '.join(map(str, args.split_seeds))}), "
+        f"{args.val_split:g} (seeds {', '.join(map(str, args.report_splits))}), "
         f"{args.final_seeds} paired final seeds, margin ±{args.margin:g} pp; "
         f"{epochs} epochs trained in all, {hours / 3600:.1f} h of training on one core each."
     )
     if len(splits) > 1:
         answer.append(_variance_table(splits))
-    text = "\n\n".join(
-        ["## Answer\n\n" + protocol + "\n\n" + "\n".join(answer), *sections]
-        if splits
-        else ["(no rule has a report yet)"]
-    )
+    if not splits:
+        return "(no split has SAM's study yet: nothing to compare, no report written)"
+    text = "\n\n".join(["## Answer\n\n" + protocol + "\n\n" + "\n".join(answer), *sections])
     write_results(f"verdict-{args.setting}", [], text, args.out_dir, device=torch.device("cpu"),
                   config={k: str(v) for k, v in vars(args).items()}, extra=splits)  # fmt: skip
     figure(args.out_dir, args.margin)
-    if splits:
-        sensitivity_figure(
-            args.out_dir / f"verdict-{args.setting}-radius.png", args.setting, splits
-        )
+    sensitivity_figure(args.out_dir / f"verdict-{args.setting}-radius.png", args.setting, splits)
     return text
 
 
@@ -585,11 +613,19 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny budget under /tmp")
     args = parser.parse_args()
-    for name, value in (PROTOCOL | SETTINGS[args.setting].get("protocol", {})).items():
+    protocol = PROTOCOL | SETTINGS[args.setting].get("protocol", {})
+    for name, value in protocol.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.rules = args.rules.split(",")
+    order = [*RULES, SGD_DOUBLE]
+    if unknown := [r for r in args.rules if r not in order]:
+        parser.error(f"--rules: unknown rule(s) {', '.join(unknown)}; allowed: {', '.join(order)}")
     args.split_seeds = [int(s) for s in args.split_seeds.split(",")]
+    # The report covers the setting's whole protocol in one order, whatever this sitting runs.
+    wanted = {*args.rules, *protocol["rules"].split(",")}
+    args.report_rules = [r for r in order if r in wanted]
+    args.report_splits = sorted({*args.split_seeds, *map(int, protocol["split_seeds"].split(","))})
     args.epochs = args.epochs or SETTINGS[args.setting]["epochs"]
     if args.smoke:
         args.epochs, args.points, args.search_seeds, args.final_seeds = 2, 2, 1, 2
