@@ -130,7 +130,7 @@ def test_sit_keeps_a_heartbeat_and_sums_each_sitting_once(tmp_path):
     verdict.sit(sleep, "sleep", sessions, heartbeat=0.1)
     lines = [json.loads(x) for x in sessions.read_text().splitlines()]
     assert len(lines) >= 3 and {x["sitting"] for x in lines} == {lines[0]["sitting"]}
-    assert 0.5 <= verdict.wall_seconds(lines) < 5.0
+    assert 0.5 <= verdict.wall_seconds(lines) < 60.0  # loose: a loaded CI machine
     # A failing sitting raises as subprocess.run(check=True) would, and still counts.
     with pytest.raises(subprocess.CalledProcessError) as raised:
         verdict.sit([sys.executable, "-c", "raise SystemExit(3)"], "fail", sessions, heartbeat=5)
